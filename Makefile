@@ -1,0 +1,21 @@
+# Shortcuts; each target runs a script that works without make too.
+.PHONY: test lint model bench-quality bench-deepctr bench-memory
+
+test:
+	scripts/test
+
+lint:
+	scripts/lint
+
+# Rebuild the bundled default model (models/default), bit for bit.
+model:
+	scripts/bootstrap && .venv/bin/python -m model.default_model
+
+bench-quality:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.train_quality
+
+bench-deepctr:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.train_vs_deepctr
+
+bench-memory:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.train_memory

@@ -1,0 +1,140 @@
+"""DeepFM (Guo et al. 2017): a linear part, a factorization machine and a DNN over shared
+embeddings, summed into one logit.
+
+Notation: B rows, F embedded (sparse) fields, D dense fields, k embedding dim.
+
+    y_lin = b + sum_f w_f[x_f] + sum_d u_d z_d
+    e_f   = V_f[x_f]                                  (shared by FM and DNN)
+    y_fm  = 1/2 sum_k [(sum_f e_fk)^2 - sum_f e_fk^2]  (O(kF))
+    y_dnn = MLP(concat(e_1..e_F, z_1..z_D))
+    logit = y_lin + y_fm + y_dnn
+
+Every field's table lives in one matrix ``sparse_rows`` of shape
+``sum_f V_f x (1 + k)``: row ``offset_f + x`` is ``[w_f[x], V_f[x]_1..k]``, the
+same layout the service stores and ships as one packed row. ``forward`` gathers
+rows from it; ``forward_rows`` starts from rows gathered elsewhere (an
+embedding store), so a server need not hold the tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DeepFMConfig:
+    """Everything needed to rebuild the module (its weights come from the checkpoint)."""
+
+    vocab_sizes: tuple[int, ...]
+    num_dense: int
+    embed_dim: int = 16
+    hidden_units: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.vocab_sizes or min(self.vocab_sizes) < 1:
+            raise ValueError(f"vocab_sizes must be non-empty and positive: {self.vocab_sizes}")
+        if self.num_dense < 0 or self.embed_dim < 1:
+            raise ValueError("num_dense must be >= 0 and embed_dim >= 1")
+        if any(h < 1 for h in self.hidden_units):
+            raise ValueError(f"hidden_units must be positive: {self.hidden_units}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1): {self.dropout}")
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.vocab_sizes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["vocab_sizes"] = list(self.vocab_sizes)
+        out["hidden_units"] = list(self.hidden_units)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeepFMConfig:
+        return cls(
+            vocab_sizes=tuple(int(v) for v in data["vocab_sizes"]),
+            num_dense=int(data["num_dense"]),
+            embed_dim=int(data["embed_dim"]),
+            hidden_units=tuple(int(h) for h in data["hidden_units"]),
+            dropout=float(data["dropout"]),
+        )
+
+
+class FactorizationMachine(nn.Module):
+    """Second-order FM term over field embeddings: ``B x F x k -> B``."""
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        square_of_sum = embeddings.sum(dim=1).square()
+        sum_of_squares = embeddings.square().sum(dim=1)
+        return 0.5 * (square_of_sum - sum_of_squares).sum(dim=1)
+
+
+class DeepArch(nn.Module):
+    """The DNN: ``B x (F*k + D) -> B``, ReLU hidden layers with dropout, linear out."""
+
+    def __init__(self, in_features: int, hidden_units: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for units in hidden_units:
+            layers += [nn.Linear(width, units), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = units
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x).squeeze(-1)
+
+
+class DeepFM(nn.Module):
+    """DeepFM returning logits; apply a sigmoid for probabilities."""
+
+    offsets: Tensor
+
+    def __init__(self, config: DeepFMConfig) -> None:
+        super().__init__()
+        self.config = config
+        k = config.embed_dim
+        self.sparse_rows = nn.Embedding(sum(config.vocab_sizes), 1 + k)
+        offsets = torch.tensor((0, *config.vocab_sizes[:-1]), dtype=torch.int64).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.dense_weight = nn.Parameter(torch.zeros(config.num_dense))
+        self.fm = FactorizationMachine()
+        self.deep = DeepArch(config.num_fields * k + config.num_dense, config.hidden_units,
+                             config.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.sparse_rows.weight[:, 0].zero_()
+            self.sparse_rows.weight[:, 1:].normal_(0.0, 0.01)
+            self.dense_weight.zero_()
+            self.bias.zero_()
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """Rows ``[w, e_1..e_k]`` of every field: ids ``B x F`` int64 -> ``B x F x (1+k)``."""
+        return self.sparse_rows(ids + self.offsets)
+
+    def forward(self, ids: Tensor, dense: Tensor) -> Tensor:
+        """Logits ``B`` from ids ``B x F`` (int64, 0 = OOV) and dense ``B x D`` float32."""
+        rows = self.gather(ids)
+        return self.forward_rows(rows[..., 0], rows[..., 1:], dense)
+
+    def forward_rows(self, first_order: Tensor, embeddings: Tensor, dense: Tensor) -> Tensor:
+        """Logits ``B`` from gathered rows.
+
+        first_order: ``B x F`` (w_f[x_f]); embeddings: ``B x F x k`` (e_f); dense: ``B x D``.
+        """
+        y_lin = self.bias + first_order.sum(dim=1) + dense @ self.dense_weight
+        y_fm = self.fm(embeddings)
+        y_dnn = self.deep(torch.cat((embeddings.flatten(1), dense), dim=1))
+        return y_lin + y_fm + y_dnn

@@ -1,0 +1,303 @@
+"""The feature spec: fields, vocabularies and dense transforms; raw columns -> tensors.
+
+Training and serving encode through the same functions here, so there is no
+train/serve skew. The data is columnar: a batch is a mapping from input column
+name to a NumPy array, float64 with NaN for a missing dense value, object
+(``str`` or ``None``) for a sparse value. ``FeatureSpec.encode`` turns it into
+int64 ids ``B x F`` (one per embedded field, 0 = OOV or missing) and float32
+dense values ``B x D``.
+
+Every input column is one field, with a transform:
+
+- ``category`` (sparse input): index in a vocabulary learned on training data;
+- ``bucket`` (dense input): the Criteo winners' bucketing of a count into a
+  category, ``floor(ln(x)^2)`` for ``x > 2``, else ``floor(x)``, then a vocabulary;
+- ``log`` (dense input): ``sign(x) * log1p(|x|)``;
+- ``standard`` (dense input): ``(x - mean) / std`` with statistics learned on
+  training data.
+
+A missing dense value becomes the field's ``missing`` value (0.0: the mean after
+``standard``, a count of zero after ``log``); a missing or unseen sparse value
+is index 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import repeat
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Transform = Literal["category", "bucket", "log", "standard"]
+EMBEDDED_TRANSFORMS: frozenset[str] = frozenset({"category", "bucket"})
+DENSE_TRANSFORMS: frozenset[str] = frozenset({"log", "standard"})
+SPARSE_INPUT_TRANSFORMS: frozenset[str] = frozenset({"category"})
+
+FloatArray = npt.NDArray[np.float64]
+ObjectArray = npt.NDArray[np.object_]
+Columns = Mapping[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The values of one embedded field; value ``values[i]`` has index ``i + 1``."""
+
+    values: tuple[str, ...]
+
+    @cached_property
+    def _index(self) -> dict[str | None, int]:
+        return {value: i for i, value in enumerate(self.values, start=1)}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def lookup(self, values: ObjectArray) -> npt.NDArray[np.int64]:
+        """Indices of ``values`` (str or None); unseen and missing give 0."""
+        # map() with dict.get runs in C: no Python loop per row.
+        return np.fromiter(
+            map(self._index.get, values, repeat(0)), dtype=np.int64, count=len(values)
+        )
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_text().encode()).hexdigest()
+
+    def to_text(self) -> str:
+        return "".join(f"{value}\n" for value in self.values)
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocabulary:
+        values = text.split("\n")
+        if values[-1] == "":
+            values.pop()
+        return cls(tuple(values))
+
+
+@dataclass(frozen=True)
+class Field:
+    """One input column and how it becomes model input."""
+
+    name: str
+    transform: Transform
+    stats: Mapping[str, float] = field(default_factory=dict)
+    vocab: Vocabulary | None = None
+
+    def __post_init__(self) -> None:
+        if self.transform not in EMBEDDED_TRANSFORMS | DENSE_TRANSFORMS:
+            raise ValueError(f"field {self.name!r}: unknown transform {self.transform!r}")
+        if self.embedded and self.vocab is None:
+            raise ValueError(f"field {self.name!r}: transform {self.transform!r} needs a vocab")
+
+    @property
+    def embedded(self) -> bool:
+        """True when the model sees this field through an embedding row."""
+        return self.transform in EMBEDDED_TRANSFORMS
+
+    @property
+    def kind(self) -> Literal["dense", "sparse"]:
+        """What a client sends: a number (dense) or a category (sparse)."""
+        return "sparse" if self.transform in SPARSE_INPUT_TRANSFORMS else "dense"
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows in this field's table, including the OOV row 0."""
+        return len(self.vocab) + 1 if self.vocab is not None else 0
+
+    def categories(self, raw: npt.NDArray[Any]) -> ObjectArray:
+        """The category string of every raw value (None where missing)."""
+        if self.transform == "bucket":
+            return bucketize(np.asarray(raw, dtype=np.float64))
+        return np.asarray(raw, dtype=object)
+
+    def transform_dense(self, raw: FloatArray) -> npt.NDArray[np.float32]:
+        x = np.asarray(raw, dtype=np.float64)
+        if self.transform == "log":
+            z = np.sign(x) * np.log1p(np.abs(x))
+        else:
+            z = (x - self.stats["mean"]) / self.stats["std"]
+        z[np.isnan(z)] = self.stats.get("missing", 0.0)
+        return z.astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "transform": self.transform}
+        if self.stats:
+            out["stats"] = dict(self.stats)
+        if self.vocab is not None:
+            out["vocab_size"] = self.vocab_size
+            out["vocab_sha256"] = self.vocab.sha256()
+        return out
+
+
+def bucketize(x: FloatArray) -> ObjectArray:
+    """Criteo winners' bucketing: ``floor(ln(x)^2)`` for ``x > 2``, else ``floor(x)``."""
+    out = np.full(x.shape, None, dtype=object)
+    present = ~np.isnan(x)
+    v = x[present]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        big = np.floor(np.log(np.where(v > 2, v, 3.0)) ** 2)
+    buckets = np.where(v > 2, big, np.floor(v)).astype(np.int64)
+    out[present] = list(map(str, buckets.tolist()))
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """All input fields, in input order, and the encoding shared by training and serving."""
+
+    fields: tuple[Field, ...]
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate field names in {names}")
+        if not self.embedded_fields:
+            raise ValueError("a DeepFM needs at least one sparse (embedded) field")
+
+    @cached_property
+    def embedded_fields(self) -> tuple[Field, ...]:
+        return tuple(f for f in self.fields if f.embedded)
+
+    @cached_property
+    def dense_fields(self) -> tuple[Field, ...]:
+        return tuple(f for f in self.fields if not f.embedded)
+
+    @cached_property
+    def by_name(self) -> dict[str, Field]:
+        return {f.name: f for f in self.fields}
+
+    @property
+    def vocab_sizes(self) -> tuple[int, ...]:
+        return tuple(f.vocab_size for f in self.embedded_fields)
+
+    def encode(
+        self, columns: Columns, num_rows: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Columns -> (ids ``B x F`` int64, dense ``B x D`` float32).
+
+        A column absent from ``columns`` is missing in every row.
+        """
+        ids = np.zeros((num_rows, len(self.embedded_fields)), dtype=np.int64)
+        for j, f in enumerate(self.embedded_fields):
+            raw = columns.get(f.name)
+            if raw is not None:
+                assert f.vocab is not None
+                ids[:, j] = f.vocab.lookup(f.categories(raw))
+        dense = np.empty((num_rows, len(self.dense_fields)), dtype=np.float32)
+        for j, f in enumerate(self.dense_fields):
+            raw = columns.get(f.name)
+            if raw is None:
+                raw = np.full(num_rows, np.nan)
+            dense[:, j] = f.transform_dense(raw)
+        return ids, dense
+
+    def columns_from_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Transpose rows (field name -> raw value) into the columns ``encode`` takes.
+
+        An integer sparse value is the same value as its decimal string.
+        """
+        columns: dict[str, npt.NDArray[Any]] = {}
+        for f in self.fields:
+            values = [row.get(f.name) for row in rows]
+            if f.kind == "sparse":
+                col = np.empty(len(values), dtype=object)
+                col[:] = [None if v is None else str(v) for v in values]
+                columns[f.name] = col
+            else:
+                columns[f.name] = np.array(
+                    [math.nan if v is None else v for v in values], dtype=np.float64
+                )
+        return columns
+
+    def encode_rows(
+        self, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Encode rows of raw values (the serving path), through ``encode``."""
+        return self.encode(self.columns_from_rows(rows), len(rows))
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [f.to_json() for f in self.fields]
+
+    @classmethod
+    def from_json(
+        cls, fields: Iterable[Mapping[str, Any]], vocabs: Mapping[str, Vocabulary]
+    ) -> FeatureSpec:
+        built = []
+        for f in fields:
+            vocab = vocabs.get(f["name"]) if f["transform"] in EMBEDDED_TRANSFORMS else None
+            built.append(
+                Field(
+                    name=f["name"],
+                    transform=f["transform"],
+                    stats={k: float(v) for k, v in f.get("stats", {}).items()},
+                    vocab=vocab,
+                )
+            )
+        return cls(tuple(built))
+
+
+@dataclass
+class SpecFitter:
+    """Learns vocabularies and dense statistics from training chunks, one pass.
+
+    Memory grows with the number of distinct values, never with the rows.
+    """
+
+    transforms: Mapping[str, Transform]
+    min_count: int = 1
+    max_vocab: int | None = None
+    _counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    _moments: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1:
+            raise ValueError("min_count must be at least 1")
+        for name, transform in self.transforms.items():
+            if transform in EMBEDDED_TRANSFORMS:
+                self._counts[name] = {}
+            elif transform == "standard":
+                self._moments[name] = [0.0, 0.0, 0.0]
+
+    def update(self, columns: Columns) -> None:
+        for name, counts in self._counts.items():
+            probe = Field(name, self.transforms[name], vocab=Vocabulary(()))
+            cats = probe.categories(columns[name])
+            cats = cats[cats != None]  # noqa: E711 (elementwise comparison)
+            if len(cats) == 0:
+                continue
+            values, freq = np.unique(cats.astype(str), return_counts=True)
+            for value, n in zip(values.tolist(), freq.tolist(), strict=True):
+                # Empty is missing; a vocabulary file holds one value a line.
+                if value and "\n" not in value:
+                    counts[value] = counts.get(value, 0) + n
+        for name, moments in self._moments.items():
+            x = np.asarray(columns[name], dtype=np.float64)
+            x = x[~np.isnan(x)]
+            moments[0] += len(x)
+            moments[1] += float(x.sum())
+            moments[2] += float(np.square(x).sum())
+
+    def finish(self) -> FeatureSpec:
+        fields = []
+        for name, transform in self.transforms.items():
+            if name in self._counts:
+                kept = [(v, n) for v, n in self._counts[name].items() if n >= self.min_count]
+                # Most frequent first; ties by value, so the order is deterministic.
+                kept.sort(key=lambda vn: (-vn[1], vn[0]))
+                if self.max_vocab is not None:
+                    kept = kept[: self.max_vocab]
+                vocab = Vocabulary(tuple(v for v, _ in kept))
+                fields.append(Field(name, transform, vocab=vocab))
+            elif name in self._moments:
+                n, s, ss = self._moments[name]
+                mean = s / n if n else 0.0
+                var = max(ss / n - mean * mean, 0.0) if n else 0.0
+                std = math.sqrt(var) if var > 0 else 1.0
+                fields.append(Field(name, transform, {"mean": mean, "std": std, "missing": 0.0}))
+            else:
+                fields.append(Field(name, transform, {"missing": 0.0}))
+        return FeatureSpec(tuple(fields))

@@ -1,0 +1,296 @@
+"""Train a DeepFM and write its checkpoint.
+
+    python -m model.train --data train.tsv --out models/mine
+
+The data is read twice, in chunks: once to learn the vocabularies and dense
+statistics on the training rows, once to encode every row to flat files in a
+work directory; training reads shuffled batches back from those files. Memory
+therefore depends on the vocabularies and the model, not on the number of rows.
+Rows are split in file order: the first rows train, the next ``--valid-fraction``
+validate (early stopping on AUC) and the last ``--test-fraction`` are held out
+and scored once with the best weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.checkpoint import save_checkpoint
+from model.cli import add_data_arguments, data_format, names, schema_from_args
+from model.data import EncodedData, Format, Schema, count_rows, encode_to_disk, read_chunks, take_rows
+from model.deepfm import DeepFM, DeepFMConfig
+from model.evaluate import auc, logloss
+from model.features import SpecFitter, Transform
+from model.predict import predict_logits, sigmoid
+
+OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 10
+    batch_size: int = 2048
+    lr: float = 2e-3
+    optimizer: str = "adam"
+    embed_dim: int = 16
+    hidden_units: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+    l2_embedding: float = 1e-6
+    min_count: int = 1
+    max_vocab: int | None = None
+    dense_transform: Transform = "log"
+    bucketize: tuple[str, ...] = ()
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.0
+    patience: int = 2
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    version: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    samples_per_s: float
+
+
+def transforms_for(schema: Schema, config: TrainConfig) -> dict[str, Transform]:
+    unknown = set(config.bucketize) - set(schema.dense)
+    if unknown:
+        raise ValueError(f"--bucketize names columns that are not dense: {sorted(unknown)}")
+    out: dict[str, Transform] = {}
+    for name in schema.dense:
+        out[name] = "bucket" if name in config.bucketize else config.dense_transform
+    for name in schema.sparse:
+        out[name] = "category"
+    return out
+
+
+def fingerprint(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Name, size and SHA-256 of every data file (names only: paths differ by machine)."""
+    out = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        out.append({"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
+    return out
+
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+def score(model: DeepFM, data: EncodedData, start: int, stop: int) -> dict[str, float]:
+    ids, dense, labels = data.rows(start, stop)
+    model.eval()
+    probs = sigmoid(predict_logits(model, ids, dense))
+    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+
+
+def train(
+    paths: Sequence[Path],
+    fmt: Format,
+    schema: Schema,
+    out: Path,
+    config: TrainConfig,
+    *,
+    created_at: str | None = None,
+    workdir: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on ``paths`` and write the best model's checkpoint to ``out``."""
+    torch.manual_seed(config.seed)
+    torch.use_deterministic_algorithms(True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    num_rows = count_rows(paths, fmt)
+    num_test = round(num_rows * config.test_fraction)
+    num_valid = round(num_rows * config.valid_fraction)
+    num_train = num_rows - num_valid - num_test
+    if num_train < 1 or num_valid < 1:
+        raise ValueError(f"{num_rows} rows leave no training or validation rows")
+
+    fitter = SpecFitter(transforms_for(schema, config), config.min_count, config.max_vocab)
+    for chunk in take_rows(read_chunks(paths, fmt, schema), 0, num_train):
+        fitter.update(chunk.columns)
+    features = fitter.finish()
+
+    with tempfile.TemporaryDirectory(prefix="ctr-train-", dir=workdir) as tmp:
+        data = encode_to_disk(read_chunks(paths, fmt, schema), features, Path(tmp))
+        if data.num_rows != num_rows:
+            raise ValueError(f"counted {num_rows} rows but read {data.num_rows}")
+        model = DeepFM(
+            DeepFMConfig(
+                vocab_sizes=features.vocab_sizes,
+                num_dense=len(features.dense_fields),
+                embed_dim=config.embed_dim,
+                hidden_units=config.hidden_units,
+                dropout=config.dropout,
+            )
+        )
+        history, best, best_state, samples_per_s = _fit(model, data, num_train, num_valid,
+                                                         config, progress)
+        model.load_state_dict(best_state)
+        metrics = {f"valid_{k}": v for k, v in best.items() if k in ("auc", "logloss")}
+        metrics["best_epoch"] = best["epoch"]
+        if num_test:
+            test = score(model, data, num_train + num_valid, num_rows)
+            metrics.update({f"test_{k}": v for k, v in test.items()})
+
+    training = {
+        "data": {"format": fmt, "files": fingerprint(paths), "rows": num_rows,
+                 "schema": asdict(schema)},
+        "splits": {"train": num_train, "valid": num_valid, "test": num_test},
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "history": history,
+    }
+    version = save_checkpoint(
+        out, model, features,
+        created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+        metrics=metrics, training=training,
+    )
+    return TrainResult(version, metrics, history, samples_per_s)
+
+
+def _fit(
+    model: DeepFM,
+    data: EncodedData,
+    num_train: int,
+    num_valid: int,
+    config: TrainConfig,
+    progress: bool,
+) -> tuple[list[dict[str, float]], dict[str, float], dict[str, torch.Tensor], float]:
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(config.seed)
+    history: list[dict[str, float]] = []
+    best: dict[str, float] = {"auc": -1.0}
+    best_state: dict[str, torch.Tensor] = {}
+    total_samples, total_seconds = 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(total=num_train, desc=f"epoch {epoch}", unit="row", unit_scale=True,
+                   disable=not progress, leave=False)
+        for ids, dense, labels in data.batches(0, num_train, config.batch_size, rng=rng):
+            rows = model.gather(torch.from_numpy(ids))
+            embeddings = rows[..., 1:]
+            logits = model.forward_rows(rows[..., 0], embeddings, torch.from_numpy(dense))
+            loss = loss_fn(logits, torch.from_numpy(labels))
+            objective = loss
+            if config.l2_embedding:
+                objective = loss + config.l2_embedding * embeddings.square().sum() / len(labels)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            bar.update(len(labels))
+            if bar.n % (config.batch_size * 20) < config.batch_size:
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", rows_s=f"{seen / elapsed:,.0f}")
+        bar.close()
+        seconds = time.perf_counter() - started
+        total_samples, total_seconds = total_samples + seen, total_seconds + seconds
+        valid = score(model, data, num_train, num_train + num_valid)
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "valid_auc": valid["auc"],
+                  "valid_logloss": valid["logloss"], "samples_per_s": seen / seconds}
+        history.append(record)
+        if progress:
+            print(f"epoch {epoch}: train loss {record['train_loss']:.4f}  valid AUC "
+                  f"{valid['auc']:.4f}  logloss {valid['logloss']:.4f}  "
+                  f"{record['samples_per_s']:,.0f} rows/s")
+        if valid["auc"] > best["auc"]:
+            best = {**valid, "epoch": epoch}
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best["epoch"] >= config.patience:
+            if progress:
+                print(f"early stop: no better valid AUC for {config.patience} epochs")
+            break
+    return history, best, best_state, total_samples / total_seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    d = TrainConfig()
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    parser.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    parser.add_argument("--hidden-units", default=",".join(map(str, d.hidden_units)),
+                        help="comma-separated widths of the DNN's hidden layers")
+    parser.add_argument("--dropout", type=float, default=d.dropout)
+    parser.add_argument("--l2-embedding", type=float, default=d.l2_embedding,
+                        help="L2 penalty on the embedding rows of each batch")
+    parser.add_argument("--min-count", type=int, default=d.min_count,
+                        help="a value seen fewer times in training is OOV (Criteo practice: 10)")
+    parser.add_argument("--max-vocab", type=int, default=None,
+                        help="keep at most this many values per field, most frequent first")
+    parser.add_argument("--dense-transform", choices=("log", "standard"), default=d.dense_transform)
+    parser.add_argument("--bucketize", default="",
+                        help="comma-separated dense columns to bucket into categories "
+                             "(floor(ln(x)^2)); 'all' for every dense column")
+    parser.add_argument("--valid-fraction", type=float, default=d.valid_fraction)
+    parser.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    parser.add_argument("--patience", type=int, default=d.patience,
+                        help="stop after this many epochs without a better valid AUC")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--created-at", default=None,
+                        help="timestamp to record (for reproducible checkpoints); default: now")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the encoded rows are written while training")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    schema = schema_from_args(args, parser)
+    bucketize = schema.dense if args.bucketize == "all" else names(args.bucketize)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        embed_dim=args.embed_dim, hidden_units=tuple(int(h) for h in names(args.hidden_units)),
+        dropout=args.dropout, l2_embedding=args.l2_embedding, min_count=args.min_count,
+        max_vocab=args.max_vocab, dense_transform=args.dense_transform, bucketize=bucketize,
+        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+        patience=args.patience, seed=args.seed, threads=args.threads,
+    )
+    started = time.perf_counter()
+    result = train(args.data, data_format(args), schema, args.out, config,
+                   created_at=args.created_at, workdir=args.workdir, progress=not args.quiet)
+    print(f"wrote {args.out} ({result.version}) in {time.perf_counter() - started:.1f} s")
+    for key, value in result.metrics.items():
+        print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"  training throughput: {result.samples_per_s:,.0f} rows/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Fixtures shared by every test: the sample data files and a tiny trained DeepFM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.data import CRITEO_SCHEMA
+from model.synthetic import SyntheticConfig, generate
+from model.train import TrainConfig, train
+
+DATA = Path(__file__).parent / "data"
+
+# Small enough to train in a couple of seconds, large enough to learn something.
+TINY_DATA = SyntheticConfig(seed=7, max_cardinality=300)
+TINY_TRAIN = TrainConfig(epochs=2, batch_size=512, embed_dim=8, hidden_units=(32, 16),
+                         valid_fraction=0.2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def criteo_tsv() -> Path:
+    return DATA / "criteo_sample.tsv"
+
+
+@pytest.fixture(scope="session")
+def criteo_csv() -> Path:
+    return DATA / "criteo_sample.csv"
+
+
+@pytest.fixture(scope="session")
+def generated_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20,000 generated Criteo-shaped rows, with their true probabilities beside them."""
+    path = tmp_path_factory.mktemp("generated") / "data.tsv"
+    generate(path, 20_000, TINY_DATA)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, generated_tsv: Path) -> Checkpoint:
+    out = tmp_path_factory.mktemp("checkpoint") / "tiny"
+    train([generated_tsv], "criteo", CRITEO_SCHEMA, out, TINY_TRAIN, progress=False,
+          created_at="2026-01-01T00:00:00+00:00")
+    return load_checkpoint(out)

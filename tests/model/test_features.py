@@ -1,0 +1,119 @@
+import math
+
+import numpy as np
+import pytest
+
+from model.features import FeatureSpec, Field, SpecFitter, Vocabulary, bucketize
+
+
+def obj(*values: object) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+def test_vocabulary_counts_orders_and_cuts() -> None:
+    fitter = SpecFitter({"c": "category"}, min_count=2)
+    fitter.update({"c": obj("b", "a", "b", "c", "a", "b", None, "d")})
+    fitter.update({"c": obj("c", None)})
+    vocab = fitter.finish().by_name["c"].vocab
+    # Most frequent first, ties by value; "d" (seen once) and missing are not values.
+    assert vocab == Vocabulary(("b", "a", "c"))
+
+
+def test_max_vocab_keeps_the_most_frequent() -> None:
+    fitter = SpecFitter({"c": "category"}, max_vocab=2)
+    fitter.update({"c": obj("x", "y", "y", "z", "z", "z")})
+    assert fitter.finish().by_name["c"].vocab == Vocabulary(("z", "y"))
+
+
+def test_unseen_and_missing_values_are_oov() -> None:
+    vocab = Vocabulary(("a", "b"))
+    assert vocab.lookup(obj("a", "b", "never-seen", None, "")).tolist() == [1, 2, 0, 0, 0]
+
+
+def test_vocabulary_text_round_trip_keeps_odd_values() -> None:
+    vocab = Vocabulary(("a b", "\u2028sep", "tab\there", "ünï", " "))
+    assert Vocabulary.from_text(vocab.to_text()) == vocab
+    assert Vocabulary.from_text("") == Vocabulary(())
+
+
+@pytest.mark.parametrize(
+    ("raw", "bucket"),
+    [(-1.0, "-1"), (0.0, "0"), (1.0, "1"), (2.0, "2"), (3.0, "1"), (10.0, "5"),
+     (100.0, "21"), (17668.0, "95"), (math.nan, None)],
+)
+def test_criteo_winners_bucketing(raw: float, bucket: str | None) -> None:
+    assert bucketize(np.array([raw])).tolist() == [bucket]
+
+
+def test_log_transform_is_sign_preserving_and_fills_missing() -> None:
+    f = Field("i", "log", {"missing": 0.0})
+    out = f.transform_dense(np.array([0.0, 1.0, -1.0, 99.0, math.nan]))
+    expected = [0.0, math.log(2), -math.log(2), math.log(100), 0.0]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert out.dtype == np.float32
+
+
+def test_standard_transform_learns_mean_and_std_on_present_values() -> None:
+    fitter = SpecFitter({"i": "standard", "c": "category"})
+    fitter.update({"i": np.array([1.0, 3.0, math.nan]), "c": obj("a")})
+    fitter.update({"i": np.array([5.0, 7.0]), "c": obj("a")})
+    f = fitter.finish().by_name["i"]
+    assert f.stats["mean"] == pytest.approx(4.0)
+    assert f.stats["std"] == pytest.approx(math.sqrt(5.0))
+    np.testing.assert_allclose(f.transform_dense(np.array([4.0, math.nan, 9.0])),
+                               [0.0, 0.0, 5 / math.sqrt(5.0)], rtol=1e-6)
+
+
+def spec() -> FeatureSpec:
+    fitter = SpecFitter({"i1": "log", "i2": "bucket", "c1": "category", "c2": "category"})
+    fitter.update({"i1": np.array([1.0, 2.0]), "i2": np.array([3.0, 100.0]),
+                   "c1": obj("x", "y"), "c2": obj("80", "z")})
+    return fitter.finish()
+
+
+def test_encode_shapes_and_dtypes() -> None:
+    s = spec()
+    ids, dense = s.encode({"i1": np.array([1.0]), "i2": np.array([100.0]),
+                           "c1": obj("y"), "c2": obj("nope")}, 1)
+    assert [f.name for f in s.embedded_fields] == ["i2", "c1", "c2"]
+    assert ids.dtype == np.int64 and ids.shape == (1, 3)
+    assert dense.dtype == np.float32 and dense.shape == (1, 1)
+    assert ids[0, 2] == 0  # unseen
+    assert s.by_name["i2"].kind == "dense" and s.by_name["c1"].kind == "sparse"
+
+
+def test_serving_rows_encode_like_training_columns() -> None:
+    s = spec()
+    rows = [
+        {"i1": 2, "i2": 3, "c1": "x", "c2": 80},  # an integer equals its decimal string
+        {"i1": None, "c1": None},  # missing and absent fields
+        {},
+    ]
+    columns = {"i1": np.array([2.0, math.nan, math.nan]),
+               "i2": np.array([3.0, math.nan, math.nan]),
+               "c1": obj("x", None, None), "c2": obj("80", None, None)}
+    ids_rows, dense_rows = s.encode_rows(rows)
+    ids_cols, dense_cols = s.encode(columns, 3)
+    np.testing.assert_array_equal(ids_rows, ids_cols)
+    np.testing.assert_array_equal(dense_rows, dense_cols)
+    assert ids_rows[0].tolist() == [s.by_name["i2"].vocab.lookup(obj("1"))[0], 1, 1]
+    assert ids_rows[1].tolist() == [0, 0, 0]
+
+
+def test_spec_json_round_trip() -> None:
+    s = spec()
+    vocabs = {f.name: f.vocab for f in s.embedded_fields if f.vocab is not None}
+    assert FeatureSpec.from_json(s.to_json(), vocabs) == s
+
+
+def test_bad_specs_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown transform"):
+        Field("x", "square")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs a vocab"):
+        Field("x", "category")
+    with pytest.raises(ValueError, match="at least one sparse"):
+        FeatureSpec((Field("x", "log"),))
+    with pytest.raises(ValueError, match="min_count"):
+        SpecFitter({"c": "category"}, min_count=0)

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.data import CRITEO_SCHEMA, count_rows, read_chunks
+from model.evaluate import auc
+from model.synthetic import SyntheticConfig, generate, read_truth
+
+
+def test_generated_file_is_criteo_tsv_with_truth_beside_it(generated_tsv: Path) -> None:
+    assert count_rows([generated_tsv], "criteo") == 20_000
+    truth = read_truth(generated_tsv)
+    assert truth.shape == (20_000,)
+    labels = np.concatenate([c.labels for c in read_chunks([generated_tsv], "criteo",
+                                                           CRITEO_SCHEMA)])
+    assert 0.03 <= labels.mean() <= 0.25
+    assert abs(truth.mean() - labels.mean()) < 0.01  # labels are draws from the truth
+    assert auc(labels, truth) > 0.68  # the planted signal is real and strong
+    first = generated_tsv.read_text().split("\n", 1)[0].split("\t")
+    assert len(first) == 40 and first[0] in ("0", "1")
+
+
+def test_values_look_like_criteo(generated_tsv: Path) -> None:
+    chunk = next(read_chunks([generated_tsv], "criteo", CRITEO_SCHEMA))
+    c = [v for v in chunk.columns["C1"].tolist() if v is not None]
+    assert all(len(v) == 8 and int(v, 16) >= 0 for v in c[:100])
+    # Zipf: the most common value is far more frequent than the median one.
+    _, counts = np.unique(np.array(c), return_counts=True)
+    assert counts.max() > 20 * np.median(counts)
+    missing = [np.isnan(chunk.columns[n]).mean() for n in CRITEO_SCHEMA.dense]
+    assert max(missing) > 0.1  # some counts are often missing
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    config = SyntheticConfig(seed=11, max_cardinality=50)
+    generate(tmp_path / "a.tsv", 1000, config)
+    generate(tmp_path / "b.tsv", 1000, config)
+    generate(tmp_path / "c.tsv", 1000, SyntheticConfig(seed=12, max_cardinality=50))
+    assert (tmp_path / "a.tsv").read_bytes() == (tmp_path / "b.tsv").read_bytes()
+    assert (tmp_path / "a.tsv").read_bytes() != (tmp_path / "c.tsv").read_bytes()
+
+
+def test_unrealistic_rates_are_refused() -> None:
+    with pytest.raises(ValueError, match="base_ctr"):
+        SyntheticConfig(base_ctr=0.5)
