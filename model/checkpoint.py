@@ -123,6 +123,13 @@ def save_checkpoint(
         (tmp / SPEC_FILE).write_text(
             json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        # mkdtemp and safetensors make owner-only files; a checkpoint is meant to be read
+        # by other users too (a server running as its own user).
+        for path in (tmp, tmp / VOCAB_DIR):
+            path.chmod(0o755)
+        for path in (*tmp.iterdir(), *(tmp / VOCAB_DIR).iterdir()):
+            if path.is_file():
+                path.chmod(0o644)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

@@ -12,12 +12,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", type=Path, nargs="+", required=True, help="data files, in order")
     group.add_argument(
-        "--format", choices=FORMATS, default=None,
+        "--format",
+        choices=FORMATS,
+        default=None,
         help="criteo (raw TSV, no header), csv or parquet; default: from the file suffix",
     )
     group.add_argument("--label", default=None, help="label column (csv, parquet)")
     group.add_argument("--dense", default=None, help="comma-separated dense (numeric) columns")
-    group.add_argument("--sparse", default=None, help="comma-separated sparse (categorical) columns")
+    group.add_argument(
+        "--sparse", default=None, help="comma-separated sparse (categorical) columns"
+    )
 
 
 def names(value: str | None) -> tuple[str, ...]:

@@ -164,9 +164,15 @@ class EncodedData:
         # that the resident memory stays a few blocks whatever the file's size.
         first = start * itemsize
         aligned = first - first % mmap.ALLOCATIONGRANULARITY
-        with (self.directory / name).open("rb") as f, mmap.mmap(
-            f.fileno(), first - aligned + count * itemsize, access=mmap.ACCESS_READ, offset=aligned
-        ) as mm:
+        with (
+            (self.directory / name).open("rb") as f,
+            mmap.mmap(
+                f.fileno(),
+                first - aligned + count * itemsize,
+                access=mmap.ACCESS_READ,
+                offset=aligned,
+            ) as mm,
+        ):
             view = np.frombuffer(mm, dtype=dtype, count=count * width, offset=first - aligned)
             out = view.reshape(count, width).copy()
             del view

@@ -91,7 +91,8 @@ class DeepArch(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x).squeeze(-1)
+        out: Tensor = self.mlp(x)
+        return out.squeeze(-1)
 
 
 class DeepFM(nn.Module):
@@ -109,8 +110,9 @@ class DeepFM(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
         self.dense_weight = nn.Parameter(torch.zeros(config.num_dense))
         self.fm = FactorizationMachine()
-        self.deep = DeepArch(config.num_fields * k + config.num_dense, config.hidden_units,
-                             config.dropout)
+        self.deep = DeepArch(
+            config.num_fields * k + config.num_dense, config.hidden_units, config.dropout
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,7 +124,8 @@ class DeepFM(nn.Module):
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``[w, e_1..e_k]`` of every field: ids ``B x F`` int64 -> ``B x F x (1+k)``."""
-        return self.sparse_rows(ids + self.offsets)
+        rows: Tensor = self.sparse_rows(ids + self.offsets)
+        return rows
 
     def forward(self, ids: Tensor, dense: Tensor) -> Tensor:
         """Logits ``B`` from ids ``B x F`` (int64, 0 = OOV) and dense ``B x D`` float32."""
@@ -135,6 +138,6 @@ class DeepFM(nn.Module):
         first_order: ``B x F`` (w_f[x_f]); embeddings: ``B x F x k`` (e_f); dense: ``B x D``.
         """
         y_lin = self.bias + first_order.sum(dim=1) + dense @ self.dense_weight
-        y_fm = self.fm(embeddings)
-        y_dnn = self.deep(torch.cat((embeddings.flatten(1), dense), dim=1))
+        y_fm: Tensor = self.fm(embeddings)
+        y_dnn: Tensor = self.deep(torch.cat((embeddings.flatten(1), dense), dim=1))
         return y_lin + y_fm + y_dnn

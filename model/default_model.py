@@ -22,8 +22,17 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default
 
 ROWS = 200_000
 DATA = SyntheticConfig(seed=2026, max_cardinality=1000)
-TRAINING = TrainConfig(epochs=3, batch_size=1024, embed_dim=16, hidden_units=(128, 64),
-                       min_count=5, valid_fraction=0.1, test_fraction=0.1, seed=0, threads=1)
+TRAINING = TrainConfig(
+    epochs=3,
+    batch_size=1024,
+    embed_dim=16,
+    hidden_units=(128, 64),
+    min_count=5,
+    valid_fraction=0.1,
+    test_fraction=0.1,
+    seed=0,
+    threads=1,
+)
 CREATED_AT = "2026-11-29T00:00:00+00:00"
 
 
@@ -31,8 +40,16 @@ def build(out: Path, *, progress: bool = False) -> TrainResult:
     with tempfile.TemporaryDirectory(prefix="ctr-default-model-") as tmp:
         data = Path(tmp) / "synthetic.tsv"
         generate(data, ROWS, DATA)
-        return train([data], "criteo", CRITEO_SCHEMA, out, TRAINING, created_at=CREATED_AT,
-                     workdir=Path(tmp), progress=progress)
+        return train(
+            [data],
+            "criteo",
+            CRITEO_SCHEMA,
+            out,
+            TRAINING,
+            created_at=CREATED_AT,
+            workdir=Path(tmp),
+            progress=progress,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     for who in ("model", "oracle"):
         if who in result:
             m = result[who]
-            print(f"  {who:6}  AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
-                  f"mean predicted {m['mean_predicted']:.4f}  observed {m['observed_ctr']:.4f}")
+            print(
+                f"  {who:6}  AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
+                f"mean predicted {m['mean_predicted']:.4f}  observed {m['observed_ctr']:.4f}"
+            )
     print("  calibration (decile: rows, mean predicted, observed CTR)")
     for i, b in enumerate(result["calibration"], start=1):
         print(f"    {i:2}: {b['rows']:8}  {b['mean_predicted']:.4f}  {b['observed_ctr']:.4f}")

@@ -223,9 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the Criteo TSV to write")
     defaults = SyntheticConfig()
     for name in ("seed", "min_cardinality", "max_cardinality", "interaction_rank"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("zipf_exponent", "first_order_std", "interaction_std", "dense_std", "base_ctr",
-                 "field_concentration"):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
+        )
+    for name in (
+        "zipf_exponent",
+        "first_order_std",
+        "interaction_std",
+        "dense_std",
+        "base_ctr",
+        "field_concentration",
+    ):
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )

@@ -31,11 +31,19 @@ from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
 from model.cli import add_data_arguments, data_format, names, schema_from_args
-from model.data import EncodedData, Format, Schema, count_rows, encode_to_disk, read_chunks, take_rows
+from model.data import (
+    EncodedData,
+    Format,
+    Schema,
+    count_rows,
+    encode_to_disk,
+    read_chunks,
+    take_rows,
+)
 from model.deepfm import DeepFM, DeepFMConfig
 from model.evaluate import auc, logloss
 from model.features import SpecFitter, Transform
-from model.predict import predict_logits, sigmoid
+from model.predict import EVAL_BATCH, predict_logits, sigmoid
 
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 
@@ -45,8 +53,8 @@ class TrainConfig:
     """Hyper-parameters of one training run."""
 
     epochs: int = 10
-    batch_size: int = 2048
-    lr: float = 2e-3
+    batch_size: int = 512
+    lr: float = 5e-4
     optimizer: str = "adam"
     embed_dim: int = 16
     hidden_units: tuple[int, ...] = (256, 128)
@@ -108,10 +116,16 @@ def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
 
 
 def score(model: DeepFM, data: EncodedData, start: int, stop: int) -> dict[str, float]:
-    ids, dense, labels = data.rows(start, stop)
+    """AUC and logloss of rows ``start..stop``, read in batches."""
     model.eval()
-    probs = sigmoid(predict_logits(model, ids, dense))
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+    labels, probs = [], []
+    for ids, dense, y in data.batches(start, stop, EVAL_BATCH):
+        labels.append(y)
+        probs.append(sigmoid(predict_logits(model, ids, dense)))
+    return {
+        "auc": auc(np.concatenate(labels), np.concatenate(probs)),
+        "logloss": logloss(np.concatenate(labels), np.concatenate(probs)),
+    }
 
 
 def train(
@@ -155,8 +169,9 @@ def train(
                 dropout=config.dropout,
             )
         )
-        history, best, best_state, samples_per_s = _fit(model, data, num_train, num_valid,
-                                                         config, progress)
+        history, best, best_state, samples_per_s = _fit(
+            model, data, num_train, num_valid, config, progress
+        )
         model.load_state_dict(best_state)
         metrics = {f"valid_{k}": v for k, v in best.items() if k in ("auc", "logloss")}
         metrics["best_epoch"] = best["epoch"]
@@ -165,16 +180,23 @@ def train(
             metrics.update({f"test_{k}": v for k, v in test.items()})
 
     training = {
-        "data": {"format": fmt, "files": fingerprint(paths), "rows": num_rows,
-                 "schema": asdict(schema)},
+        "data": {
+            "format": fmt,
+            "files": fingerprint(paths),
+            "rows": num_rows,
+            "schema": asdict(schema),
+        },
         "splits": {"train": num_train, "valid": num_valid, "test": num_test},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "history": history,
     }
     version = save_checkpoint(
-        out, model, features,
+        out,
+        model,
+        features,
         created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
-        metrics=metrics, training=training,
+        metrics=metrics,
+        training=training,
     )
     return TrainResult(version, metrics, history, samples_per_s)
 
@@ -198,8 +220,14 @@ def _fit(
         model.train()
         started = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        bar = tqdm(total=num_train, desc=f"epoch {epoch}", unit="row", unit_scale=True,
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            total=num_train,
+            desc=f"epoch {epoch}",
+            unit="row",
+            unit_scale=True,
+            disable=not progress,
+            leave=False,
+        )
         for ids, dense, labels in data.batches(0, num_train, config.batch_size, rng=rng):
             rows = model.gather(torch.from_numpy(ids))
             embeddings = rows[..., 1:]
@@ -221,13 +249,20 @@ def _fit(
         seconds = time.perf_counter() - started
         total_samples, total_seconds = total_samples + seen, total_seconds + seconds
         valid = score(model, data, num_train, num_train + num_valid)
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "valid_auc": valid["auc"],
-                  "valid_logloss": valid["logloss"], "samples_per_s": seen / seconds}
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "valid_auc": valid["auc"],
+            "valid_logloss": valid["logloss"],
+            "samples_per_s": seen / seconds,
+        }
         history.append(record)
         if progress:
-            print(f"epoch {epoch}: train loss {record['train_loss']:.4f}  valid AUC "
-                  f"{valid['auc']:.4f}  logloss {valid['logloss']:.4f}  "
-                  f"{record['samples_per_s']:,.0f} rows/s")
+            print(
+                f"epoch {epoch}: train loss {record['train_loss']:.4f}  valid AUC "
+                f"{valid['auc']:.4f}  logloss {valid['logloss']:.4f}  "
+                f"{record['samples_per_s']:,.0f} rows/s"
+            )
         if valid["auc"] > best["auc"]:
             best = {**valid, "epoch": epoch}
             best_state = copy.deepcopy(model.state_dict())
@@ -248,44 +283,92 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     parser.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    parser.add_argument("--hidden-units", default=",".join(map(str, d.hidden_units)),
-                        help="comma-separated widths of the DNN's hidden layers")
+    parser.add_argument(
+        "--hidden-units",
+        default=",".join(map(str, d.hidden_units)),
+        help="comma-separated widths of the DNN's hidden layers",
+    )
     parser.add_argument("--dropout", type=float, default=d.dropout)
-    parser.add_argument("--l2-embedding", type=float, default=d.l2_embedding,
-                        help="L2 penalty on the embedding rows of each batch")
-    parser.add_argument("--min-count", type=int, default=d.min_count,
-                        help="a value seen fewer times in training is OOV (Criteo practice: 10)")
-    parser.add_argument("--max-vocab", type=int, default=None,
-                        help="keep at most this many values per field, most frequent first")
+    parser.add_argument(
+        "--l2-embedding",
+        type=float,
+        default=d.l2_embedding,
+        help="L2 penalty on the embedding rows of each batch",
+    )
+    parser.add_argument(
+        "--min-count",
+        type=int,
+        default=d.min_count,
+        help="a value seen fewer times in training is OOV (Criteo practice: 10)",
+    )
+    parser.add_argument(
+        "--max-vocab",
+        type=int,
+        default=None,
+        help="keep at most this many values per field, most frequent first",
+    )
     parser.add_argument("--dense-transform", choices=("log", "standard"), default=d.dense_transform)
-    parser.add_argument("--bucketize", default="",
-                        help="comma-separated dense columns to bucket into categories "
-                             "(floor(ln(x)^2)); 'all' for every dense column")
+    parser.add_argument(
+        "--bucketize",
+        default="",
+        help="comma-separated dense columns to bucket into categories "
+        "(floor(ln(x)^2)); 'all' for every dense column",
+    )
     parser.add_argument("--valid-fraction", type=float, default=d.valid_fraction)
     parser.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    parser.add_argument("--patience", type=int, default=d.patience,
-                        help="stop after this many epochs without a better valid AUC")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop after this many epochs without a better valid AUC",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--created-at", default=None,
-                        help="timestamp to record (for reproducible checkpoints); default: now")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the encoded rows are written while training")
+    parser.add_argument(
+        "--created-at",
+        default=None,
+        help="timestamp to record (for reproducible checkpoints); default: now",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the encoded rows are written while training",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     schema = schema_from_args(args, parser)
     bucketize = schema.dense if args.bucketize == "all" else names(args.bucketize)
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        embed_dim=args.embed_dim, hidden_units=tuple(int(h) for h in names(args.hidden_units)),
-        dropout=args.dropout, l2_embedding=args.l2_embedding, min_count=args.min_count,
-        max_vocab=args.max_vocab, dense_transform=args.dense_transform, bucketize=bucketize,
-        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-        patience=args.patience, seed=args.seed, threads=args.threads,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        embed_dim=args.embed_dim,
+        hidden_units=tuple(int(h) for h in names(args.hidden_units)),
+        dropout=args.dropout,
+        l2_embedding=args.l2_embedding,
+        min_count=args.min_count,
+        max_vocab=args.max_vocab,
+        dense_transform=args.dense_transform,
+        bucketize=bucketize,
+        valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction,
+        patience=args.patience,
+        seed=args.seed,
+        threads=args.threads,
     )
     started = time.perf_counter()
-    result = train(args.data, data_format(args), schema, args.out, config,
-                   created_at=args.created_at, workdir=args.workdir, progress=not args.quiet)
+    result = train(
+        args.data,
+        data_format(args),
+        schema,
+        args.out,
+        config,
+        created_at=args.created_at,
+        workdir=args.workdir,
+        progress=not args.quiet,
+    )
     print(f"wrote {args.out} ({result.version}) in {time.perf_counter() - started:.1f} s")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

@@ -15,8 +15,9 @@ DATA = Path(__file__).parent / "data"
 
 # Small enough to train in a couple of seconds, large enough to learn something.
 TINY_DATA = SyntheticConfig(seed=7, max_cardinality=300)
-TINY_TRAIN = TrainConfig(epochs=2, batch_size=512, embed_dim=8, hidden_units=(32, 16),
-                         valid_fraction=0.2, seed=3)
+TINY_TRAIN = TrainConfig(
+    epochs=2, batch_size=512, embed_dim=8, hidden_units=(32, 16), valid_fraction=0.2, seed=3
+)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,13 @@ def generated_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, generated_tsv: Path) -> Checkpoint:
     out = tmp_path_factory.mktemp("checkpoint") / "tiny"
-    train([generated_tsv], "criteo", CRITEO_SCHEMA, out, TINY_TRAIN, progress=False,
-          created_at="2026-01-01T00:00:00+00:00")
+    train(
+        [generated_tsv],
+        "criteo",
+        CRITEO_SCHEMA,
+        out,
+        TINY_TRAIN,
+        progress=False,
+        created_at="2026-01-01T00:00:00+00:00",
+    )
     return load_checkpoint(out)

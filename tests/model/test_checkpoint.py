@@ -24,9 +24,14 @@ def copy(tiny_checkpoint: Checkpoint, tmp_path: Path) -> Path:
 
 def test_round_trip_gives_identical_logits(tiny_checkpoint: Checkpoint, tmp_path: Path) -> None:
     model = tiny_checkpoint.build_model()
-    version = save_checkpoint(tmp_path / "again", model, tiny_checkpoint.features,
-                              created_at=tiny_checkpoint.created_at,
-                              metrics=tiny_checkpoint.metrics, training=tiny_checkpoint.training)
+    version = save_checkpoint(
+        tmp_path / "again",
+        model,
+        tiny_checkpoint.features,
+        created_at=tiny_checkpoint.created_at,
+        metrics=tiny_checkpoint.metrics,
+        training=tiny_checkpoint.training,
+    )
     assert version == tiny_checkpoint.version  # same content, same version
     again = load_checkpoint(tmp_path / "again").build_model()
     ids = torch.randint(0, 3, (64, len(tiny_checkpoint.config.vocab_sizes)))
@@ -42,7 +47,8 @@ def test_layout_and_version_format(tiny_checkpoint: Checkpoint) -> None:
     assert tiny_checkpoint.version.startswith("deepfm-") and len(tiny_checkpoint.version) == 19
     assert {p.name for p in path.iterdir()} == {WEIGHTS_FILE, SPEC_FILE, "vocab"}
     assert sorted(p.stem for p in (path / "vocab").iterdir()) == sorted(
-        f.name for f in tiny_checkpoint.features.embedded_fields)
+        f.name for f in tiny_checkpoint.features.embedded_fields
+    )
     # safetensors: an 8-byte header length, then a JSON header; no pickle anywhere.
     head = (path / WEIGHTS_FILE).read_bytes()[:9]
     assert head[8:9] == b"{"
@@ -87,7 +93,7 @@ def test_missing_vocabulary_is_refused(copy: Path) -> None:
 
 def test_missing_weights_are_refused(copy: Path) -> None:
     (copy / WEIGHTS_FILE).unlink()
-    with pytest.raises(CheckpointError, match="weights.safetensors is missing"):
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors is missing"):
         load_checkpoint(copy)
 
 
@@ -116,11 +122,16 @@ def test_a_spec_that_hashes_right_but_does_not_fit_is_refused(copy: Path) -> Non
         load_checkpoint(copy)
 
 
-def test_save_replaces_an_existing_checkpoint_whole(tiny_checkpoint: Checkpoint,
-                                                   copy: Path) -> None:
+def test_save_replaces_an_existing_checkpoint_whole(
+    tiny_checkpoint: Checkpoint, copy: Path
+) -> None:
     (copy / "stray.txt").write_text("left over")
-    save_checkpoint(copy, tiny_checkpoint.build_model(), tiny_checkpoint.features,
-                    created_at="2026-02-02T00:00:00+00:00")
+    save_checkpoint(
+        copy,
+        tiny_checkpoint.build_model(),
+        tiny_checkpoint.features,
+        created_at="2026-02-02T00:00:00+00:00",
+    )
     assert not (copy / "stray.txt").exists()
     assert not [p for p in copy.parent.iterdir() if p.name.startswith(".")]
     assert load_checkpoint(copy).created_at == "2026-02-02T00:00:00+00:00"

@@ -61,7 +61,9 @@ def test_parquet_gives_the_same_rows(criteo_csv: Path, tmp_path: Path) -> None:
 def test_small_blocks_stream_the_same_rows(criteo_tsv: Path) -> None:
     chunks = list(read_chunks([criteo_tsv], "criteo", CRITEO_SCHEMA, block_bytes=4096))
     assert len(chunks) > 5
-    assert_same_rows(read_all(criteo_tsv, "criteo", block_bytes=4096), read_all(criteo_tsv, "criteo"))
+    assert_same_rows(
+        read_all(criteo_tsv, "criteo", block_bytes=4096), read_all(criteo_tsv, "criteo")
+    )
 
 
 def test_format_from_suffix() -> None:
@@ -125,8 +127,11 @@ def test_sample_rows_predict_alike_from_tsv_csv_and_json_rows(
     from_csv = predictor.predict_columns(csv.columns, 200)
     lines = [line.split("\t") for line in criteo_tsv.read_text().splitlines()]
     rows = [
-        {name: (float(v) if name.startswith("I") else v)
-         for name, v in zip(CRITEO_SCHEMA.features, line[1:], strict=True) if v != ""}
+        {
+            name: (float(v) if name.startswith("I") else v)
+            for name, v in zip(CRITEO_SCHEMA.features, line[1:], strict=True)
+            if v != ""
+        }
         for line in lines
     ]
     from_rows = predictor.predict_rows(rows)

@@ -29,7 +29,9 @@ def test_forward_and_forward_rows_give_identical_logits() -> None:
     ids, dense = random_inputs(CONFIG, 32, seed=1)
     rows = model.sparse_rows.weight[ids + model.offsets]
     with torch.no_grad():
-        assert torch.equal(model(ids, dense), model.forward_rows(rows[..., 0], rows[..., 1:], dense))
+        assert torch.equal(
+            model(ids, dense), model.forward_rows(rows[..., 0], rows[..., 1:], dense)
+        )
 
 
 def test_logit_is_the_sum_of_linear_fm_and_dnn_parts() -> None:

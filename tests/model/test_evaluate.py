@@ -26,12 +26,24 @@ def test_metrics_of_a_perfect_and_a_useless_model() -> None:
 
 
 def test_cli_prints_metrics_and_writes_a_report(
-    tiny_checkpoint: Checkpoint, generated_tsv: Path, tmp_path: Path,
+    tiny_checkpoint: Checkpoint,
+    generated_tsv: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     report, out = tmp_path / "report.png", tmp_path / "metrics.json"
-    main(["--checkpoint", str(tiny_checkpoint.path), "--data", str(generated_tsv),
-          "--report", str(report), "--json", str(out)])
+    main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint.path),
+            "--data",
+            str(generated_tsv),
+            "--report",
+            str(report),
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "oracle" in printed and "calibration" in printed
     result = json.loads(out.read_text())

@@ -40,8 +40,17 @@ def test_vocabulary_text_round_trip_keeps_odd_values() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "bucket"),
-    [(-1.0, "-1"), (0.0, "0"), (1.0, "1"), (2.0, "2"), (3.0, "1"), (10.0, "5"),
-     (100.0, "21"), (17668.0, "95"), (math.nan, None)],
+    [
+        (-1.0, "-1"),
+        (0.0, "0"),
+        (1.0, "1"),
+        (2.0, "2"),
+        (3.0, "1"),
+        (10.0, "5"),
+        (100.0, "21"),
+        (17668.0, "95"),
+        (math.nan, None),
+    ],
 )
 def test_criteo_winners_bucketing(raw: float, bucket: str | None) -> None:
     assert bucketize(np.array([raw])).tolist() == [bucket]
@@ -62,21 +71,29 @@ def test_standard_transform_learns_mean_and_std_on_present_values() -> None:
     f = fitter.finish().by_name["i"]
     assert f.stats["mean"] == pytest.approx(4.0)
     assert f.stats["std"] == pytest.approx(math.sqrt(5.0))
-    np.testing.assert_allclose(f.transform_dense(np.array([4.0, math.nan, 9.0])),
-                               [0.0, 0.0, 5 / math.sqrt(5.0)], rtol=1e-6)
+    np.testing.assert_allclose(
+        f.transform_dense(np.array([4.0, math.nan, 9.0])), [0.0, 0.0, 5 / math.sqrt(5.0)], rtol=1e-6
+    )
 
 
 def spec() -> FeatureSpec:
     fitter = SpecFitter({"i1": "log", "i2": "bucket", "c1": "category", "c2": "category"})
-    fitter.update({"i1": np.array([1.0, 2.0]), "i2": np.array([3.0, 100.0]),
-                   "c1": obj("x", "y"), "c2": obj("80", "z")})
+    fitter.update(
+        {
+            "i1": np.array([1.0, 2.0]),
+            "i2": np.array([3.0, 100.0]),
+            "c1": obj("x", "y"),
+            "c2": obj("80", "z"),
+        }
+    )
     return fitter.finish()
 
 
 def test_encode_shapes_and_dtypes() -> None:
     s = spec()
-    ids, dense = s.encode({"i1": np.array([1.0]), "i2": np.array([100.0]),
-                           "c1": obj("y"), "c2": obj("nope")}, 1)
+    ids, dense = s.encode(
+        {"i1": np.array([1.0]), "i2": np.array([100.0]), "c1": obj("y"), "c2": obj("nope")}, 1
+    )
     assert [f.name for f in s.embedded_fields] == ["i2", "c1", "c2"]
     assert ids.dtype == np.int64 and ids.shape == (1, 3)
     assert dense.dtype == np.float32 and dense.shape == (1, 1)
@@ -91,9 +108,12 @@ def test_serving_rows_encode_like_training_columns() -> None:
         {"i1": None, "c1": None},  # missing and absent fields
         {},
     ]
-    columns = {"i1": np.array([2.0, math.nan, math.nan]),
-               "i2": np.array([3.0, math.nan, math.nan]),
-               "c1": obj("x", None, None), "c2": obj("80", None, None)}
+    columns = {
+        "i1": np.array([2.0, math.nan, math.nan]),
+        "i2": np.array([3.0, math.nan, math.nan]),
+        "c1": obj("x", None, None),
+        "c2": obj("80", None, None),
+    }
     ids_rows, dense_rows = s.encode_rows(rows)
     ids_cols, dense_cols = s.encode(columns, 3)
     np.testing.assert_array_equal(ids_rows, ids_cols)

@@ -12,8 +12,9 @@ def test_generated_file_is_criteo_tsv_with_truth_beside_it(generated_tsv: Path) 
     assert count_rows([generated_tsv], "criteo") == 20_000
     truth = read_truth(generated_tsv)
     assert truth.shape == (20_000,)
-    labels = np.concatenate([c.labels for c in read_chunks([generated_tsv], "criteo",
-                                                           CRITEO_SCHEMA)])
+    labels = np.concatenate(
+        [c.labels for c in read_chunks([generated_tsv], "criteo", CRITEO_SCHEMA)]
+    )
     assert 0.03 <= labels.mean() <= 0.25
     assert abs(truth.mean() - labels.mean()) < 0.01  # labels are draws from the truth
     assert auc(labels, truth) > 0.68  # the planted signal is real and strong

@@ -13,8 +13,9 @@ from model.train import TrainConfig, main, train
 from tests.conftest import TINY_TRAIN
 
 
-def test_training_learns_the_planted_signal(tiny_checkpoint: Checkpoint,
-                                            generated_tsv: Path) -> None:
+def test_training_learns_the_planted_signal(
+    tiny_checkpoint: Checkpoint, generated_tsv: Path
+) -> None:
     history = tiny_checkpoint.training["history"]
     assert len(history) == 2
     assert history[0]["train_loss"] > history[1]["train_loss"]
@@ -26,14 +27,15 @@ def test_training_learns_the_planted_signal(tiny_checkpoint: Checkpoint,
     assert tiny_checkpoint.metrics["valid_auc"] > oracle - 0.06
 
 
-def test_checkpoint_keeps_the_best_epoch(tiny_checkpoint: Checkpoint,
-                                         generated_tsv: Path) -> None:
+def test_checkpoint_keeps_the_best_epoch(tiny_checkpoint: Checkpoint, generated_tsv: Path) -> None:
     history = tiny_checkpoint.training["history"]
     best = max(history, key=lambda h: h["valid_auc"])
     assert tiny_checkpoint.metrics["best_epoch"] == best["epoch"]
     chunks = list(read_chunks([generated_tsv], "criteo", CRITEO_SCHEMA))
     labels = np.concatenate([c.labels for c in chunks])[16_000:]
-    columns = {k: np.concatenate([c.columns[k] for c in chunks])[16_000:] for k in chunks[0].columns}
+    columns = {
+        k: np.concatenate([c.columns[k] for c in chunks])[16_000:] for k in chunks[0].columns
+    }
     probs = Predictor(tiny_checkpoint).predict_columns(columns, len(labels))
     assert auc(labels, probs) == pytest.approx(best["valid_auc"], abs=1e-9)
 
@@ -46,20 +48,37 @@ def test_checkpoint_records_data_and_config(tiny_checkpoint: Checkpoint) -> None
     assert t["config"]["hidden_units"] == [32, 16]
 
 
-def test_same_seed_same_weights(generated_tsv: Path, tmp_path: Path,
-                                tiny_checkpoint: Checkpoint) -> None:
-    again = train([generated_tsv], "criteo", CRITEO_SCHEMA, tmp_path / "again", TINY_TRAIN,
-                  progress=False, created_at=tiny_checkpoint.created_at)
+def test_same_seed_same_weights(
+    generated_tsv: Path, tmp_path: Path, tiny_checkpoint: Checkpoint
+) -> None:
+    again = train(
+        [generated_tsv],
+        "criteo",
+        CRITEO_SCHEMA,
+        tmp_path / "again",
+        TINY_TRAIN,
+        progress=False,
+        created_at=tiny_checkpoint.created_at,
+    )
     assert again.version == tiny_checkpoint.version
     assert (tmp_path / "again" / "weights.safetensors").read_bytes() == (
-        tiny_checkpoint.path / "weights.safetensors").read_bytes()
+        tiny_checkpoint.path / "weights.safetensors"
+    ).read_bytes()
 
 
-def test_another_seed_other_weights(generated_tsv: Path, tmp_path: Path,
-                                    tiny_checkpoint: Checkpoint) -> None:
+def test_another_seed_other_weights(
+    generated_tsv: Path, tmp_path: Path, tiny_checkpoint: Checkpoint
+) -> None:
     config = TrainConfig(**{**TINY_TRAIN.__dict__, "seed": 4, "epochs": 1})
-    other = train([generated_tsv], "criteo", CRITEO_SCHEMA, tmp_path / "other", config,
-                  progress=False, created_at=tiny_checkpoint.created_at)
+    other = train(
+        [generated_tsv],
+        "criteo",
+        CRITEO_SCHEMA,
+        tmp_path / "other",
+        config,
+        progress=False,
+        created_at=tiny_checkpoint.created_at,
+    )
     assert other.version != tiny_checkpoint.version
 
 
@@ -67,14 +86,41 @@ def test_cli_trains_on_csv_with_named_columns_and_bucketing(
     criteo_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "csv-model"
-    main([
-        "--data", str(criteo_csv), "--label", "label",
-        "--dense", ",".join(CRITEO_SCHEMA.dense), "--sparse", ",".join(CRITEO_SCHEMA.sparse),
-        "--bucketize", "I1,I2", "--dense-transform", "standard", "--min-count", "2",
-        "--epochs", "2", "--batch-size", "64", "--hidden-units", "8", "--embed-dim", "4",
-        "--valid-fraction", "0.25", "--test-fraction", "0.25", "--optimizer", "adagrad",
-        "--quiet", "--out", str(out),
-    ])
+    main(
+        [
+            "--data",
+            str(criteo_csv),
+            "--label",
+            "label",
+            "--dense",
+            ",".join(CRITEO_SCHEMA.dense),
+            "--sparse",
+            ",".join(CRITEO_SCHEMA.sparse),
+            "--bucketize",
+            "I1,I2",
+            "--dense-transform",
+            "standard",
+            "--min-count",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--hidden-units",
+            "8",
+            "--embed-dim",
+            "4",
+            "--valid-fraction",
+            "0.25",
+            "--test-fraction",
+            "0.25",
+            "--optimizer",
+            "adagrad",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     checkpoint = load_checkpoint(out)
     assert checkpoint.version in printed and "test_auc" in printed
@@ -90,8 +136,36 @@ def test_cli_refuses_bad_arguments(criteo_csv: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--data", str(criteo_csv), "--out", str(tmp_path / "x")])  # csv needs columns
     with pytest.raises(ValueError, match="not dense"):
-        main(["--data", str(criteo_csv), "--label", "label", "--dense", "I1", "--sparse", "C1",
-              "--bucketize", "C1", "--quiet", "--out", str(tmp_path / "x")])
+        main(
+            [
+                "--data",
+                str(criteo_csv),
+                "--label",
+                "label",
+                "--dense",
+                "I1",
+                "--sparse",
+                "C1",
+                "--bucketize",
+                "C1",
+                "--quiet",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
     with pytest.raises(ValueError, match="no training or validation rows"):
-        main(["--data", str(criteo_csv), "--label", "label", "--sparse", "C1",
-              "--valid-fraction", "0", "--quiet", "--out", str(tmp_path / "x")])
+        main(
+            [
+                "--data",
+                str(criteo_csv),
+                "--label",
+                "label",
+                "--sparse",
+                "C1",
+                "--valid-fraction",
+                "0",
+                "--quiet",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )

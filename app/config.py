@@ -1,0 +1,53 @@
+"""Settings, read from the environment (prefix ``CTR_``) in this one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.default_model import DEFAULT_MODEL_DIR
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; see README "Configuration"."""
+
+    model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore", frozen=True)
+
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="checkpoint directory to serve")
+    embedding_store: Literal["memory", "redis"] | None = Field(
+        None, description="memory, or redis (the default when redis_url is set)"
+    )
+    redis_url: SecretStr | None = Field(None, description="redis://, rediss:// or a cluster URL")
+    redis_timeout_ms: PositiveInt = 50
+    local_cache_rows: PositiveInt = 1_000_000
+    hold_tables: bool = True
+    batch_max: PositiveInt = Field(256, description="most /predict calls in one forward pass")
+    max_instances: PositiveInt = Field(10_000, description="most rows in one /predict_many")
+    max_body_bytes: PositiveInt = 8 * MiB
+    chunk_rows: PositiveInt = Field(4096, description="rows per forward pass in /predict_many")
+    api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required")
+    torch_threads: PositiveInt | None = Field(None, description="default: one per core")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
+    port: PositiveInt = 8000
+    shutdown_timeout_s: PositiveInt = Field(
+        30, description="on SIGTERM, how long in-flight calls may take before the exit"
+    )
+
+    @model_validator(mode="after")
+    def _store_needs_redis(self) -> Settings:
+        if self.embedding_store == "redis" and self.redis_url is None:
+            raise ValueError("CTR_EMBEDDING_STORE=redis needs CTR_REDIS_URL")
+        return self
+
+    @property
+    def store(self) -> Literal["memory", "redis"]:
+        """The embedding store in use: as set, else redis exactly when a Redis URL is set."""
+        if self.embedding_store is not None:
+            return self.embedding_store
+        return "redis" if self.redis_url is not None else "memory"

@@ -1,0 +1,88 @@
+"""The app factory: ``create_app(settings)``; its lifespan starts and stops the runtime.
+
+uvicorn app.main:create_app --factory     (settings from CTR_* environment variables)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.bodylimit import BodyLimitMiddleware
+from app.config import Settings
+from app.errors import ServiceError
+from app.metrics import Metrics, RequestMetricsMiddleware
+from app.routes import build_router
+from app.runtime import Runtime
+from app.schemas import RequestSchemas
+from model.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. The checkpoint is read here, so /docs shows the model's real fields
+    and a bad CTR_MODEL_DIR fails at once, with the loader's message."""
+    settings = settings or Settings()
+    checkpoint = load_checkpoint(settings.model_dir)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        runtime = await Runtime.start(settings, metrics, checkpoint)
+        try:
+            yield {"runtime": runtime}
+        finally:
+            await runtime.close()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="ctr-serve",
+        summary="Click-through-rate predictions from a DeepFM",
+        version=checkpoint.version,
+        lifespan=lifespan,
+    )
+    router = build_router(RequestSchemas.build(checkpoint.features), settings.max_instances)
+    app.include_router(router)
+    _document_components(app, router.openapi_components)  # type: ignore[attr-defined]
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        metrics.errors.labels(type(exc).__name__).inc()
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("InvalidRequest").inc()
+        return JSONResponse({"detail": exc.errors()}, 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, never a client error: log it once, answer without internals.
+        metrics.errors.labels("internal").inc()
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error"}, 500)
+
+    endpoints = frozenset(route.path for route in router.routes)  # type: ignore[attr-defined]
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=endpoints)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _document_components(app: FastAPI, components: dict[str, Any]) -> None:
+    """Add the request bodies' schema definitions to the generated OpenAPI document."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return app.openapi_schema or schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

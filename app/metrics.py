@@ -1,0 +1,96 @@
+"""Prometheus collectors of one app, in a registry of its own (no process-global state)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 10000)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("ctr_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "ctr_request_latency_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_calls = Histogram(
+            "ctr_batch_calls", "calls per forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "ctr_batch_rows", "rows per forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.rows_predicted = Counter("ctr_rows_predicted", "rows scored", registry=r)
+        self.lookups = Counter(
+            "ctr_embedding_lookups", "embedding rows looked up, per tier", ["tier"], registry=r
+        )
+        self.hits = Counter(
+            "ctr_embedding_hits", "embedding rows found, per tier", ["tier"], registry=r
+        )
+        self.oov = Counter("ctr_embedding_oov", "values that got their field's OOV row", registry=r)
+        self.fallbacks = Counter(
+            "ctr_embedding_fallbacks",
+            "batches answered by a lower tier after a failure",
+            ["reason"],
+            registry=r,
+        )
+        self.errors = Counter("ctr_errors", "errors answered, by kind", ["kind"], registry=r)
+        self.model_info = Gauge(
+            "ctr_model_info", "the loaded model (value 1)", ["version"], registry=r
+        )
+
+
+class RequestMetricsMiddleware:
+    """Counts requests and times them per endpoint (the route's path, never a raw URL)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in self.endpoints else "other"
+        status = 500
+        started = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -1,0 +1,126 @@
+"""The endpoints, thin: validate, hand to the runtime, answer with pre-serialised JSON."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter, ValidationError
+
+from app.errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from app.runtime import Runtime
+from app.schemas import PredictManyResponse, PredictResponse, RequestSchemas, error_details
+
+JSON = "application/json"
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def check_api_key(request: Request, runtime: RuntimeDep) -> None:
+    expected = runtime.settings.api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("missing or invalid X-API-Key")
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code, media_type=JSON
+    )
+
+
+async def validated(request: Request, adapter: TypeAdapter[Any]) -> Any:
+    """The body, validated from its raw bytes by the model's compiled schema."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != JSON and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
+    try:
+        return adapter.validate_json(await request.body())
+    except ValidationError as exc:
+        details = error_details(exc)
+        if any(d["type"] == "too_long" and d["loc"] == ["body", "instances"] for d in details):
+            raise PayloadTooLarge("too many instances") from None
+        raise InvalidRequest(details) from None
+
+
+def body_schema(adapter: TypeAdapter[Any], components: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI requestBody for ``adapter``; its definitions go to ``components``."""
+    schema = adapter.json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    return {"required": True, "content": {JSON: {"schema": schema}}}
+
+
+def build_router(schemas: RequestSchemas, max_instances: int) -> APIRouter:
+    """The routes; ``schemas`` (the model loaded at start) documents the request bodies."""
+    router = APIRouter()
+    components: dict[str, Any] = {}
+    keyed = [Depends(check_api_key)]
+
+    @router.post(
+        "/predict",
+        response_model=PredictResponse,
+        dependencies=keyed,
+        openapi_extra={"requestBody": body_schema(schemas.predict, components)},
+        summary="Click probability of one row",
+    )
+    async def predict(request: Request, runtime: RuntimeDep) -> Response:
+        model = runtime.model
+        body = await validated(request, model.schemas.predict)
+        probability, version = await runtime.predict_one(body["features"])
+        return json_response({"probability": probability, "model_version": version})
+
+    @router.post(
+        "/predict_many",
+        response_model=PredictManyResponse,
+        dependencies=keyed,
+        openapi_extra={"requestBody": body_schema(schemas.predict_many, components)},
+        summary=f"Click probabilities of up to {max_instances} rows",
+    )
+    async def predict_many(request: Request, runtime: RuntimeDep) -> Response:
+        body = await validated(request, runtime.model.schemas.predict_many)
+        instances = body["instances"]
+        if len(instances) > max_instances:
+            raise PayloadTooLarge(f"{len(instances)} instances; at most {max_instances}")
+        probabilities, version = await runtime.predict_many(instances)
+        return json_response({"probabilities": probabilities, "model_version": version})
+
+    @router.get("/healthz", summary="The process is up")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @router.get("/readyz", summary="A model is loaded and the service can answer")
+    async def readyz(runtime: RuntimeDep) -> Response:
+        ready = runtime.ready
+        body = {
+            "status": "ready" if ready else "not ready",
+            "model_version": runtime.model.version,
+            "embedding_store": {
+                "backend": runtime.model.store.backend,
+                "state": runtime.model.store.state,
+            },
+        }
+        return json_response(body, 200 if ready else 503)
+
+    @router.get("/model", dependencies=keyed, summary="The loaded model's metadata")
+    async def model_info(runtime: RuntimeDep) -> Response:
+        return json_response(runtime.model.describe())
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics(runtime: RuntimeDep) -> Response:
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    router.openapi_components = components  # type: ignore[attr-defined]
+    return router

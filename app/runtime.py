@@ -1,0 +1,105 @@
+"""What the app runs on between start-up and shutdown: the model, its store and the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from app.batching import BatcherClosed, MicroBatcher
+from app.config import Settings
+from app.embeddings import MemoryStore
+from app.errors import NotReady
+from app.metrics import Metrics
+from app.serving import Row, ServingModel
+from model.checkpoint import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+Result = tuple[np.ndarray, str]  # probabilities of one call's rows, and the model's version
+
+
+class Runtime:
+    """The loaded model behind the micro-batcher; created and closed by the app's lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        model: ServingModel,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model = model
+        self._executor = executor
+        self._batcher: MicroBatcher[Sequence[Row], Result] = MicroBatcher(
+            self._process, settings.batch_max
+        )
+        self._closing = False
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, metrics: Metrics, checkpoint: Checkpoint | None = None
+    ) -> Runtime:
+        threads = settings.torch_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        loop = asyncio.get_running_loop()
+        if checkpoint is None:
+            checkpoint = await loop.run_in_executor(executor, load_checkpoint, settings.model_dir)
+        model = checkpoint.build_model()
+        store = MemoryStore(model, metrics)
+        serving = ServingModel(checkpoint, model, store, executor, metrics, settings.chunk_rows)
+        await serving.predict([{}])  # warm up: the first forward pass pays one-off costs
+        metrics.model_info.labels(serving.version).set(1)
+        log.info(
+            "serving %s from %s with the %s embedding store on %d torch threads",
+            serving.version,
+            checkpoint.path,
+            store.backend,
+            threads,
+        )
+        return cls(settings, metrics, serving, executor)
+
+    @property
+    def ready(self) -> bool:
+        return not self._closing
+
+    async def predict_one(self, features: Row) -> tuple[float, str]:
+        probabilities, version = await self._submit([features])
+        return float(probabilities[0]), version
+
+    async def predict_many(self, instances: Sequence[Row]) -> tuple[np.ndarray, str]:
+        return await self._submit(instances)
+
+    async def _submit(self, rows: Sequence[Row]) -> Result:
+        try:
+            return await self._batcher.submit(rows)
+        except BatcherClosed:
+            raise NotReady("the service is shutting down") from None
+
+    async def _process(self, calls: Sequence[Sequence[Row]]) -> list[Result]:
+        model = self.model  # one model for the whole batch: its version names every answer
+        rows = [row for call in calls for row in call]
+        self.metrics.batch_calls.observe(len(calls))
+        self.metrics.batch_rows.observe(len(rows))
+        probabilities = await model.predict(rows)
+        results: list[Result] = []
+        start = 0
+        for call in calls:
+            results.append((probabilities[start : start + len(call)], model.version))
+            start += len(call)
+        return results
+
+    async def close(self) -> None:
+        """Answer everything queued, then release the store and the worker thread."""
+        self._closing = True
+        await self._batcher.close()
+        await self.model.store.aclose()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,118 @@
+"""Request and response models, generated from a checkpoint's feature spec.
+
+The request models are what /docs shows and what validates every call: they are
+compiled once per model into pydantic-core validators that read the raw body
+bytes (``TypeAdapter.validate_json``), the fast path; FastAPI's default body
+handling (parse to Python, then validate) is not used on the prediction routes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
+from typing_extensions import TypedDict
+
+from model.features import FeatureSpec
+
+DenseValue = Annotated[float | None, Strict(), AllowInfNan(False)]
+SparseValue = StrictStr | StrictInt | None
+
+SPARSE_MESSAGE = "a sparse value must be a string, an integer or null"
+DENSE_MESSAGE = "a dense value must be a finite number or null"
+
+
+class PredictResponse(BaseModel):
+    probability: float = Field(description="click probability")
+    model_version: str
+
+
+class PredictManyResponse(BaseModel):
+    probabilities: list[float] = Field(description="the i-th belongs to the i-th instance")
+    model_version: str
+
+
+def features_type(spec: FeatureSpec) -> Any:
+    """A TypedDict with one optional key per field; unknown keys are refused.
+
+    Validation yields plain dicts (field name -> raw value), no model objects.
+    """
+    fields: dict[str, Any] = {}
+    for f in spec.fields:
+        kind = DenseValue if f.kind == "dense" else SparseValue
+        missing = "the transform's missing value" if f.kind == "dense" else "the OOV row"
+        description = f"{f.kind} ({f.transform}); missing or null: {missing}"
+        fields[f.name] = Annotated[kind, Field(description=description)]
+    return _typed_dict("Features", fields, total=False)
+
+
+def _typed_dict(name: str, fields: dict[str, Any], *, total: bool = True) -> Any:
+    """A TypedDict built at run time (its keys are the model's field names) that refuses
+    unknown keys."""
+    factory: Any = TypedDict
+    typed = factory(name, fields, total=total)
+    typed.__pydantic_config__ = ConfigDict(extra="forbid")
+    return typed
+
+
+@dataclass(frozen=True)
+class RequestSchemas:
+    """The compiled validators of one model's requests."""
+
+    predict: TypeAdapter[Any]
+    predict_many: TypeAdapter[Any]
+
+    @classmethod
+    def build(cls, spec: FeatureSpec) -> RequestSchemas:
+        features = features_type(spec)
+        described = Annotated[features, Field(description="field name -> raw value")]  # type: ignore[valid-type]
+        predict = _typed_dict("PredictRequest", {"features": described})
+        instances = Annotated[list[features], Field(min_length=1)]  # type: ignore[valid-type]
+        predict_many = _typed_dict("PredictManyRequest", {"instances": instances})
+        return cls(TypeAdapter(predict), TypeAdapter(predict_many))
+
+
+def error_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """pydantic errors in FastAPI's shape (``loc`` starts with "body"), one per bad value."""
+    details: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for error in exc.errors(include_url=False, include_context=False):
+        loc = tuple(error["loc"])
+        kind, msg = error["type"], error["msg"]
+        if loc and loc[-1] in ("str", "int"):  # one error per member of the sparse union
+            loc, msg, kind = loc[:-1], SPARSE_MESSAGE, "sparse_type"
+        elif kind in ("float_type", "finite_number"):
+            msg, kind = DENSE_MESSAGE, "dense_type"
+        elif kind == "extra_forbidden":
+            msg = f"unknown field {loc[-1]!r}: GET /model lists the model's fields"
+        if loc in seen:
+            continue
+        seen.add(loc)
+        detail: dict[str, Any] = {"type": kind, "loc": ["body", *loc], "msg": msg}
+        if kind != "json_invalid" and "input" in error and _small(error["input"]):
+            detail["input"] = error["input"]
+        details.append(detail)
+    return details
+
+
+def _small(value: Any) -> bool:
+    """Echo an input back only when it is a short scalar (never a whole body)."""
+    if isinstance(value, float):
+        return math.isfinite(value)  # NaN and infinities are not JSON
+    return (
+        value is None
+        or isinstance(value, bool | int)
+        or (isinstance(value, str) and len(value) <= 64)
+    )

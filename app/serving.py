@@ -1,0 +1,92 @@
+"""A loaded model, ready to serve: feature encoding, embedding store and the dense part.
+
+``ServingModel.predict`` scores raw rows (field name -> value) exactly as the
+offline code in ``model/`` does, in chunks; its CPU work runs on one worker
+thread, off the event loop, so forward passes never overlap (torch's own
+threads use the cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from app.embeddings import EmbeddingStore
+from app.metrics import Metrics
+from app.schemas import RequestSchemas
+from model.checkpoint import Checkpoint
+from model.deepfm import DeepFM
+from model.predict import sigmoid
+
+Row = Mapping[str, Any]
+
+
+class ServingModel:
+    """One checkpoint's model and store; ``version`` names the model of every answer."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        model: DeepFM,
+        store: EmbeddingStore,
+        executor: ThreadPoolExecutor,
+        metrics: Metrics,
+        chunk_rows: int,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.version = checkpoint.version
+        self.features = checkpoint.features
+        self.schemas = RequestSchemas.build(checkpoint.features)
+        self.store = store
+        self._model = model
+        self._executor = executor
+        self._metrics = metrics
+        self._chunk_rows = chunk_rows
+
+    async def predict(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
+        """Click probabilities of ``rows``, in order."""
+        loop = asyncio.get_running_loop()
+        parts = []
+        for start in range(0, len(rows), self._chunk_rows):
+            chunk = rows[start : start + self._chunk_rows]
+            ids, dense = await loop.run_in_executor(
+                self._executor, self.features.encode_rows, chunk
+            )
+            gathered = await self.store.gather(ids)
+            parts.append(await loop.run_in_executor(self._executor, self._forward, gathered, dense))
+        self._metrics.rows_predicted.inc(len(rows))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _forward(
+        self, rows: torch.Tensor, dense: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float64]:
+        with torch.inference_mode():
+            logits = self._model.forward_rows(rows[..., 0], rows[..., 1:], torch.from_numpy(dense))
+        return sigmoid(logits.numpy())
+
+    def describe(self) -> dict[str, Any]:
+        """The metadata /model returns."""
+        c = self.checkpoint
+        return {
+            "model_version": self.version,
+            "created_at": c.created_at,
+            "fields": [
+                {
+                    "name": f.name,
+                    "kind": f.kind,
+                    "transform": f.transform,
+                    **({"vocab_size": f.vocab_size} if f.embedded else {}),
+                }
+                for f in self.features.fields
+            ],
+            "embed_dim": c.config.embed_dim,
+            "hidden_units": list(c.config.hidden_units),
+            "metrics": dict(c.metrics),
+            "embedding_store": self.store.backend,
+        }

@@ -1,0 +1,75 @@
+"""The app under test: the real app factory, its lifespan, and an httpx client over ASGI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.config import Settings
+from app.main import create_app
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.default_model import DEFAULT_MODEL_DIR
+from model.predict import Predictor
+
+Client = httpx.AsyncClient
+ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Checkpoint:
+    return load_checkpoint(DEFAULT_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def offline(default_checkpoint: Checkpoint) -> Predictor:
+    """The offline model code (model/), the reference for every served probability."""
+    return Predictor(default_checkpoint)
+
+
+@asynccontextmanager
+async def serve(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(**{"model_dir": DEFAULT_MODEL_DIR, **overrides})
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ctr") as client:
+            yield client
+
+
+@pytest.fixture
+def make_client() -> ClientFactory:
+    """Start the app with some settings changed: ``async with make_client(api_key=...)``."""
+    return serve
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with serve() as c:
+        yield c
+
+
+def criteo_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a Criteo TSV as JSON features: counts as numbers, categories as strings."""
+    names = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    rows = []
+    for line in path.read_text().splitlines():
+        values = line.split("\t")[1:]
+        rows.append(
+            {
+                name: (int(v) if name.startswith("I") else v)
+                for name, v in zip(names, values, strict=True)
+                if v != ""
+            }
+        )
+    return rows

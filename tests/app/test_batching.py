@@ -1,0 +1,125 @@
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from app.batching import BatcherClosed, MicroBatcher
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A process function that records its batches and can be held back."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_on: int | None = None
+
+    async def __call__(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"boom on {self.fail_on}")
+        return [i * 10 for i in items]
+
+
+async def test_a_lone_call_runs_at_once() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, max_calls=8)
+    # No timer: the call completes as soon as the worker is scheduled.
+    assert await asyncio.wait_for(batcher.submit(3), timeout=5) == 30
+    assert recorder.batches == [[3]]
+    await batcher.close()
+
+
+async def test_calls_queued_during_a_batch_form_the_next_batch() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, max_calls=4)
+    recorder.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(0))
+    while not recorder.batches:
+        await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 10)]
+    while batcher.queued < 9:
+        await asyncio.sleep(0)
+    recorder.gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*rest) == [i * 10 for i in range(1, 10)]
+    assert recorder.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    await batcher.close()
+
+
+async def test_a_failed_batch_fails_every_caller_in_it_and_only_them() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, max_calls=8)
+    recorder.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(100))
+    while not recorder.batches:
+        await asyncio.sleep(0)
+    doomed = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+    while batcher.queued < 5:
+        await asyncio.sleep(0)
+    recorder.fail_on = 3
+    recorder.gate.set()
+    assert await blocker == 1000
+    results = await asyncio.gather(*doomed, return_exceptions=True)
+    assert all(isinstance(r, ValueError) and "boom on 3" in str(r) for r in results)
+    assert await batcher.submit(7) == 70  # the batcher goes on after a failure
+    await batcher.close()
+
+
+async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, max_calls=8)
+    recorder.gate.clear()
+    blocker = asyncio.ensure_future(batcher.submit(1))
+    while not recorder.batches:
+        await asyncio.sleep(0)
+    quitter = asyncio.ensure_future(batcher.submit(2))
+    stayer = asyncio.ensure_future(batcher.submit(3))
+    while batcher.queued < 2:
+        await asyncio.sleep(0)
+    quitter.cancel()
+    recorder.gate.set()
+    assert await blocker == 10 and await stayer == 30
+    assert recorder.batches[-1] == [3]
+    await batcher.close()
+
+
+async def test_close_drains_queued_calls_then_refuses_new_ones() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, max_calls=2)
+    recorder.gate.clear()
+    pending = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+    while not recorder.batches:
+        await asyncio.sleep(0)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(9)
+    recorder.gate.set()
+    await closing
+    assert [await p for p in pending] == [0, 10, 20, 30, 40]
+
+
+async def test_a_process_returning_the_wrong_count_fails_the_batch() -> None:
+    async def short(items: Sequence[int]) -> list[int]:
+        return []
+
+    batcher = MicroBatcher(short, max_calls=4)
+    with pytest.raises(RuntimeError, match="0 results for 1"):
+        await batcher.submit(1)
+    await batcher.close()
+
+
+def test_max_calls_must_be_positive() -> None:
+    async def noop(items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    async def make() -> None:
+        MicroBatcher(noop, max_calls=0)
+
+    with pytest.raises(ValueError, match="max_calls"):
+        asyncio.run(make())
