@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"""# Training quality against the oracle
 
 `python -m benchmarks.train_quality --rows {args.rows} --min-count {args.min_count}`:
-{args.rows:,} generated rows, 80/10/10 split in file order, default training settings but `--min-count {args.min_count}`,
-{seconds:.0f} s in all.
+{args.rows:,} generated rows, 80/10/10 split in file order, default training settings
+but `--min-count {args.min_count}`; {seconds:.0f} s in all.
 
 | | test AUC | test logloss |
 |---|---|---|
