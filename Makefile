@@ -1,5 +1,8 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: test lint model bench-quality bench-deepctr bench-memory
+.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve
+
+serve:
+	scripts/serve
 
 test:
 	scripts/test
@@ -15,7 +18,11 @@ bench-quality:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.train_quality
 
 bench-deepctr:
-	scripts/bootstrap && .venv/bin/python -m benchmarks.train_vs_deepctr
+	scripts/bootstrap && .venv/bin/pip install -q -e '.[bench]' && .venv/bin/python -m benchmarks.train_vs_deepctr
 
 bench-memory:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.train_memory
+
+# Needs wrk (apt-get install wrk).
+bench-serve:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.serve

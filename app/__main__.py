@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import uvicorn
 
 from app.config import Settings
@@ -9,10 +13,28 @@ from app.logs import configure
 from app.main import create_app
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, but a graceful stop on SIGTERM or SIGINT exits with status 0.
+
+    (uvicorn re-raises the signal after shutting down, so the process would die of
+    it, status 143, and look like a crash to whatever started it.)
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def main() -> None:
     settings = Settings()
     configure(settings.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -20,6 +42,7 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
+    Server(config).run()
 
 
 if __name__ == "__main__":

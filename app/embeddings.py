@@ -26,7 +26,8 @@ class EmbeddingStore(ABC):
     backend: str
 
     @abstractmethod
-    async def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor: ...
+    def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
+        """Called on the forward-pass worker thread, never on the event loop."""
 
     @property
     @abstractmethod
@@ -45,7 +46,7 @@ class MemoryStore(EmbeddingStore):
         self._model = model
         self._metrics = metrics
 
-    async def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
+    def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
         self._metrics.lookups.labels("tables").inc(ids.size)
         oov = int(np.count_nonzero(ids == 0))
         self._metrics.hits.labels("tables").inc(ids.size - oov)

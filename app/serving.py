@@ -55,19 +55,18 @@ class ServingModel:
         parts = []
         for start in range(0, len(rows), self._chunk_rows):
             chunk = rows[start : start + self._chunk_rows]
-            ids, dense = await loop.run_in_executor(
-                self._executor, self.features.encode_rows, chunk
-            )
-            gathered = await self.store.gather(ids)
-            parts.append(await loop.run_in_executor(self._executor, self._forward, gathered, dense))
+            parts.append(await loop.run_in_executor(self._executor, self._predict_chunk, chunk))
         self._metrics.rows_predicted.inc(len(rows))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _forward(
-        self, rows: torch.Tensor, dense: npt.NDArray[np.float32]
-    ) -> npt.NDArray[np.float64]:
+    def _predict_chunk(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
+        """Encode, gather and forward, all on the worker thread: one hop per chunk."""
+        ids, dense = self.features.encode_rows(rows)
         with torch.inference_mode():
-            logits = self._model.forward_rows(rows[..., 0], rows[..., 1:], torch.from_numpy(dense))
+            gathered = self.store.gather(ids)
+            logits = self._model.forward_rows(
+                gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
+            )
         return sigmoid(logits.numpy())
 
     def describe(self) -> dict[str, Any]:

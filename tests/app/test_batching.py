@@ -25,6 +25,25 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+async def hold(
+    batcher: MicroBatcher[int, int], recorder: Recorder, item: int
+) -> asyncio.Future[int]:
+    """Submit ``item`` and wait until its batch is being processed, held at the gate."""
+    recorder.gate.clear()
+    held = asyncio.ensure_future(batcher.submit(item))
+    while not recorder.batches:
+        await asyncio.sleep(0)
+    return held
+
+
+async def queue(batcher: MicroBatcher[int, int], items: range) -> list[asyncio.Future[int]]:
+    """Submit ``items`` and wait until they are all queued behind the held batch."""
+    futures = [asyncio.ensure_future(batcher.submit(i)) for i in items]
+    while batcher.queued < len(items):
+        await asyncio.sleep(0)
+    return futures
+
+
 async def test_a_lone_call_runs_at_once() -> None:
     recorder = Recorder()
     batcher = MicroBatcher(recorder, max_calls=8)
@@ -37,13 +56,8 @@ async def test_a_lone_call_runs_at_once() -> None:
 async def test_calls_queued_during_a_batch_form_the_next_batch() -> None:
     recorder = Recorder()
     batcher = MicroBatcher(recorder, max_calls=4)
-    recorder.gate.clear()
-    first = asyncio.ensure_future(batcher.submit(0))
-    while not recorder.batches:
-        await asyncio.sleep(0)
-    rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 10)]
-    while batcher.queued < 9:
-        await asyncio.sleep(0)
+    first = await hold(batcher, recorder, 0)
+    rest = await queue(batcher, range(1, 10))
     recorder.gate.set()
     assert await first == 0
     assert await asyncio.gather(*rest) == [i * 10 for i in range(1, 10)]
@@ -54,13 +68,8 @@ async def test_calls_queued_during_a_batch_form_the_next_batch() -> None:
 async def test_a_failed_batch_fails_every_caller_in_it_and_only_them() -> None:
     recorder = Recorder()
     batcher = MicroBatcher(recorder, max_calls=8)
-    recorder.gate.clear()
-    blocker = asyncio.ensure_future(batcher.submit(100))
-    while not recorder.batches:
-        await asyncio.sleep(0)
-    doomed = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
-    while batcher.queued < 5:
-        await asyncio.sleep(0)
+    blocker = await hold(batcher, recorder, 100)
+    doomed = await queue(batcher, range(5))
     recorder.fail_on = 3
     recorder.gate.set()
     assert await blocker == 1000
@@ -73,14 +82,8 @@ async def test_a_failed_batch_fails_every_caller_in_it_and_only_them() -> None:
 async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
     recorder = Recorder()
     batcher = MicroBatcher(recorder, max_calls=8)
-    recorder.gate.clear()
-    blocker = asyncio.ensure_future(batcher.submit(1))
-    while not recorder.batches:
-        await asyncio.sleep(0)
-    quitter = asyncio.ensure_future(batcher.submit(2))
-    stayer = asyncio.ensure_future(batcher.submit(3))
-    while batcher.queued < 2:
-        await asyncio.sleep(0)
+    blocker = await hold(batcher, recorder, 1)
+    quitter, stayer = await queue(batcher, range(2, 4))
     quitter.cancel()
     recorder.gate.set()
     assert await blocker == 10 and await stayer == 30

@@ -44,32 +44,37 @@ async def test_sample_rows_match_the_offline_model_through_both_endpoints(
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
-def random_row(rng: random.Random, vocab: dict[str, list[str]]) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for i in range(1, 14):
-        if rng.random() < 0.8:
-            row[f"I{i}"] = rng.choice([0, 1, 5, 42, 1e4, -1, 2.5])
-    for i in range(1, 27):
-        name, roll = f"C{i}", rng.random()
-        if roll < 0.6:
-            row[name] = rng.choice(vocab[name])
-        elif roll < 0.8:
-            row[name] = f"unseen-{rng.randrange(10**6)}"
-        elif roll < 0.9:
-            row[name] = None
-    return row
+def random_rows(offline: Predictor, count: int, seed: int, values: int) -> list[dict[str, Any]]:
+    """Rows mixing known values (the first ``values`` of each vocabulary), unseen values,
+    nulls and absent fields."""
+    rng = random.Random(seed)
+    vocab = {
+        f.name: list(f.vocab.values[:values])
+        for f in offline.features.embedded_fields
+        if f.vocab is not None
+    }
+    rows = []
+    for _ in range(count):
+        row: dict[str, Any] = {}
+        for i in range(1, 14):
+            if rng.random() < 0.8:
+                row[f"I{i}"] = rng.choice([0, 1, 5, 42, 1e4, -1, 2.5])
+        for i in range(1, 27):
+            name, roll = f"C{i}", rng.random()
+            if roll < 0.6:
+                row[name] = rng.choice(vocab[name])
+            elif roll < 0.8:
+                row[name] = f"unseen-{rng.randrange(10**6)}"
+            elif roll < 0.9:
+                row[name] = None
+        rows.append(row)
+    return rows
 
 
 async def test_concurrent_calls_are_batched_and_equal_unbatched(
     client: httpx.AsyncClient, offline: Predictor
 ) -> None:
-    rng = random.Random(5)
-    vocab = {
-        f.name: list(f.vocab.values[:50])
-        for f in offline.features.embedded_fields
-        if f.vocab is not None
-    }
-    rows = [random_row(rng, vocab) for _ in range(300)]
+    rows = random_rows(offline, 300, seed=5, values=50)
     responses = await asyncio.gather(*(predict(client, row) for row in rows))
     assert all(r.status_code == 200 for r in responses)
     got = [r.json()["probability"] for r in responses]
@@ -89,13 +94,7 @@ def sample(metrics: str, name: str) -> float:
 async def test_predict_many_keeps_order_and_chunks(
     make_client: ClientFactory, offline: Predictor
 ) -> None:
-    rng = random.Random(9)
-    vocab = {
-        f.name: list(f.vocab.values[:20])
-        for f in offline.features.embedded_fields
-        if f.vocab is not None
-    }
-    rows = [random_row(rng, vocab) for _ in range(1000)]
+    rows = random_rows(offline, 1000, seed=9, values=20)
     async with make_client(chunk_rows=128) as client:
         response = await client.post("/predict_many", json={"instances": rows})
     assert response.status_code == 200
