@@ -96,11 +96,11 @@ but `--min-count {args.min_count}`; {seconds:.0f} s in all.
 
 Per epoch (validation rows):
 
-| epoch | train loss | valid AUC | valid logloss | rows/s |
-|---|---|---|---|---|
+| epoch | train loss | valid AUC | valid logloss |
+|---|---|---|---|
 """ + "".join(
         f"| {h['epoch']} | {h['train_loss']:.4f} | {h['valid_auc']:.4f} | "
-        f"{h['valid_logloss']:.4f} | {h['samples_per_s']:,.0f} |\n"
+        f"{h['valid_logloss']:.4f} |\n"
         for h in result.history
     )
     out = report.write("train_quality", figures, markdown)

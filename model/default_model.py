@@ -25,6 +25,7 @@ DATA = SyntheticConfig(seed=2026, max_cardinality=1000)
 TRAINING = TrainConfig(
     epochs=3,
     batch_size=1024,
+    lr=1e-3,
     embed_dim=16,
     hidden_units=(128, 64),
     min_count=5,

@@ -114,15 +114,6 @@ class Field:
             return bucketize(np.asarray(raw, dtype=np.float64))
         return np.asarray(raw, dtype=object)
 
-    def transform_dense(self, raw: FloatArray) -> npt.NDArray[np.float32]:
-        x = np.asarray(raw, dtype=np.float64)
-        if self.transform == "log":
-            z = np.sign(x) * np.log1p(np.abs(x))
-        else:
-            z = (x - self.stats["mean"]) / self.stats["std"]
-        z[np.isnan(z)] = self.stats.get("missing", 0.0)
-        return z.astype(np.float32)
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "transform": self.transform}
         if self.stats:
@@ -174,6 +165,27 @@ class FeatureSpec:
     def vocab_sizes(self) -> tuple[int, ...]:
         return tuple(f.vocab_size for f in self.embedded_fields)
 
+    @cached_property
+    def _dense_params(self) -> tuple[npt.NDArray[np.bool_], FloatArray, FloatArray, FloatArray]:
+        """Per dense field: uses log?, mean, std, missing value (vectors of length D)."""
+        fields = self.dense_fields
+        return (
+            np.array([f.transform == "log" for f in fields], dtype=bool),
+            np.array([f.stats.get("mean", 0.0) for f in fields]),
+            np.array([f.stats.get("std", 1.0) for f in fields]),
+            np.array([f.stats.get("missing", 0.0) for f in fields]),
+        )
+
+    def transform_dense(self, raw: FloatArray) -> npt.NDArray[np.float32]:
+        """Raw dense values ``B x D`` (NaN = missing) -> model input ``B x D`` float32.
+
+        All fields at once, so the cost per call does not grow with the field count.
+        """
+        log, mean, std, missing = self._dense_params
+        with np.errstate(invalid="ignore"):
+            z = np.where(log, np.sign(raw) * np.log1p(np.abs(raw)), (raw - mean) / std)
+        return np.where(np.isnan(z), missing, z).astype(np.float32)
+
     def encode(
         self, columns: Columns, num_rows: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
@@ -187,30 +199,38 @@ class FeatureSpec:
             if raw is not None:
                 assert f.vocab is not None
                 ids[:, j] = f.vocab.lookup(f.categories(raw))
-        dense = np.empty((num_rows, len(self.dense_fields)), dtype=np.float32)
+        raw_dense = np.full((num_rows, len(self.dense_fields)), np.nan)
         for j, f in enumerate(self.dense_fields):
-            raw = columns.get(f.name)
-            if raw is None:
-                raw = np.full(num_rows, np.nan)
-            dense[:, j] = f.transform_dense(raw)
-        return ids, dense
+            if f.name in columns:
+                raw_dense[:, j] = columns[f.name]
+        return ids, self.transform_dense(raw_dense)
+
+    @cached_property
+    def _input_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        dense = tuple(f.name for f in self.fields if f.kind == "dense")
+        return dense, tuple(f.name for f in self.fields if f.kind == "sparse")
 
     def columns_from_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, npt.NDArray[Any]]:
         """Transpose rows (field name -> raw value) into the columns ``encode`` takes.
 
-        An integer sparse value is the same value as its decimal string.
+        An integer sparse value is the same value as its decimal string; None is missing.
         """
+        dense_names, sparse_names = self._input_names
         columns: dict[str, npt.NDArray[Any]] = {}
-        for f in self.fields:
-            values = [row.get(f.name) for row in rows]
-            if f.kind == "sparse":
-                col = np.empty(len(values), dtype=object)
-                col[:] = [None if v is None else str(v) for v in values]
-                columns[f.name] = col
-            else:
-                columns[f.name] = np.array(
-                    [math.nan if v is None else v for v in values], dtype=np.float64
-                )
+        if dense_names:
+            # One conversion for every dense value; None becomes NaN.
+            matrix = np.array(
+                [[row.get(name) for name in dense_names] for row in rows], dtype=np.float64
+            ).reshape(len(rows), len(dense_names))
+            for j, name in enumerate(dense_names):
+                columns[name] = matrix[:, j]
+        for name in sparse_names:
+            col = np.empty(len(rows), dtype=object)
+            col[:] = [
+                v if v is None or v.__class__ is str else str(v)
+                for v in (row.get(name) for row in rows)
+            ]
+            columns[name] = col
         return columns
 
     def encode_rows(

@@ -249,19 +249,19 @@ def _fit(
         seconds = time.perf_counter() - started
         total_samples, total_seconds = total_samples + seen, total_seconds + seconds
         valid = score(model, data, num_train, num_train + num_valid)
+        # No timings in the record: it goes into the checkpoint, whose bytes (and so its
+        # version) must depend only on the data, the code and the seed.
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
             "valid_auc": valid["auc"],
             "valid_logloss": valid["logloss"],
-            "samples_per_s": seen / seconds,
         }
         history.append(record)
         if progress:
             print(
                 f"epoch {epoch}: train loss {record['train_loss']:.4f}  valid AUC "
-                f"{valid['auc']:.4f}  logloss {valid['logloss']:.4f}  "
-                f"{record['samples_per_s']:,.0f} rows/s"
+                f"{valid['auc']:.4f}  logloss {valid['logloss']:.4f}  {seen / seconds:,.0f} rows/s"
             )
         if valid["auc"] > best["auc"]:
             best = {**valid, "epoch": epoch}

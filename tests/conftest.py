@@ -15,8 +15,16 @@ DATA = Path(__file__).parent / "data"
 
 # Small enough to train in a couple of seconds, large enough to learn something.
 TINY_DATA = SyntheticConfig(seed=7, max_cardinality=300)
+GENERATED_ROWS = 40_000
 TINY_TRAIN = TrainConfig(
-    epochs=2, batch_size=512, embed_dim=8, hidden_units=(32, 16), valid_fraction=0.2, seed=3
+    epochs=2,
+    batch_size=512,
+    lr=5e-3,
+    min_count=3,
+    embed_dim=8,
+    hidden_units=(32, 16),
+    valid_fraction=0.2,
+    seed=3,
 )
 
 
@@ -32,9 +40,9 @@ def criteo_csv() -> Path:
 
 @pytest.fixture(scope="session")
 def generated_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """20,000 generated Criteo-shaped rows, with their true probabilities beside them."""
+    """40,000 generated Criteo-shaped rows, with their true probabilities beside them."""
     path = tmp_path_factory.mktemp("generated") / "data.tsv"
-    generate(path, 20_000, TINY_DATA)
+    generate(path, GENERATED_ROWS, TINY_DATA)
     return path
 
 

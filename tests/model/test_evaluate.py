@@ -6,6 +6,7 @@ import pytest
 
 from model.checkpoint import Checkpoint
 from model.evaluate import calibration, logloss, main, metrics
+from tests.conftest import GENERATED_ROWS
 
 
 def test_calibration_bins_by_predicted_probability() -> None:
@@ -47,7 +48,8 @@ def test_cli_prints_metrics_and_writes_a_report(
     printed = capsys.readouterr().out
     assert "oracle" in printed and "calibration" in printed
     result = json.loads(out.read_text())
-    assert result["rows"] == 20_000 and result["model_version"] == tiny_checkpoint.version
-    assert result["oracle"]["auc"] > result["model"]["auc"] > 0.6
+    assert result["rows"] == GENERATED_ROWS and result["model_version"] == tiny_checkpoint.version
+    # Over the whole file (training rows included), so no comparison with the oracle here.
+    assert result["oracle"]["auc"] > 0.7 and result["model"]["auc"] > 0.7
     assert len(result["calibration"]) == 10
     assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.stat().st_size > 20_000

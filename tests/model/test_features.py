@@ -57,8 +57,10 @@ def test_criteo_winners_bucketing(raw: float, bucket: str | None) -> None:
 
 
 def test_log_transform_is_sign_preserving_and_fills_missing() -> None:
-    f = Field("i", "log", {"missing": 0.0})
-    out = f.transform_dense(np.array([0.0, 1.0, -1.0, 99.0, math.nan]))
+    spec = FeatureSpec(
+        (Field("i", "log", {"missing": 0.0}), Field("c", "category", vocab=Vocabulary(())))
+    )
+    out = spec.transform_dense(np.array([[0.0], [1.0], [-1.0], [99.0], [math.nan]]))[:, 0]
     expected = [0.0, math.log(2), -math.log(2), math.log(100), 0.0]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     assert out.dtype == np.float32
@@ -68,11 +70,14 @@ def test_standard_transform_learns_mean_and_std_on_present_values() -> None:
     fitter = SpecFitter({"i": "standard", "c": "category"})
     fitter.update({"i": np.array([1.0, 3.0, math.nan]), "c": obj("a")})
     fitter.update({"i": np.array([5.0, 7.0]), "c": obj("a")})
-    f = fitter.finish().by_name["i"]
+    spec = fitter.finish()
+    f = spec.by_name["i"]
     assert f.stats["mean"] == pytest.approx(4.0)
     assert f.stats["std"] == pytest.approx(math.sqrt(5.0))
     np.testing.assert_allclose(
-        f.transform_dense(np.array([4.0, math.nan, 9.0])), [0.0, 0.0, 5 / math.sqrt(5.0)], rtol=1e-6
+        spec.transform_dense(np.array([[4.0], [math.nan], [9.0]]))[:, 0],
+        [0.0, 0.0, 5 / math.sqrt(5.0)],
+        rtol=1e-6,
     )
 
 

@@ -6,12 +6,13 @@ import pytest
 from model.data import CRITEO_SCHEMA, count_rows, read_chunks
 from model.evaluate import auc
 from model.synthetic import SyntheticConfig, generate, read_truth
+from tests.conftest import GENERATED_ROWS
 
 
 def test_generated_file_is_criteo_tsv_with_truth_beside_it(generated_tsv: Path) -> None:
-    assert count_rows([generated_tsv], "criteo") == 20_000
+    assert count_rows([generated_tsv], "criteo") == GENERATED_ROWS
     truth = read_truth(generated_tsv)
-    assert truth.shape == (20_000,)
+    assert truth.shape == (GENERATED_ROWS,)
     labels = np.concatenate(
         [c.labels for c in read_chunks([generated_tsv], "criteo", CRITEO_SCHEMA)]
     )

@@ -10,7 +10,9 @@ from model.evaluate import auc
 from model.predict import Predictor
 from model.synthetic import read_truth
 from model.train import TrainConfig, main, train
-from tests.conftest import TINY_TRAIN
+from tests.conftest import GENERATED_ROWS, TINY_TRAIN
+
+TRAIN_ROWS = round(GENERATED_ROWS * (1 - TINY_TRAIN.valid_fraction))
 
 
 def test_training_learns_the_planted_signal(
@@ -21,10 +23,10 @@ def test_training_learns_the_planted_signal(
     assert history[0]["train_loss"] > history[1]["train_loss"]
     # Validation rows are the last 20%; the oracle reaches its AUC from the truth.
     chunks = list(read_chunks([generated_tsv], "criteo", CRITEO_SCHEMA))
-    labels = np.concatenate([c.labels for c in chunks])[16_000:]
-    oracle = auc(labels, read_truth(generated_tsv)[16_000:])
-    assert tiny_checkpoint.metrics["valid_auc"] > 0.66
-    assert tiny_checkpoint.metrics["valid_auc"] > oracle - 0.06
+    labels = np.concatenate([c.labels for c in chunks])[TRAIN_ROWS:]
+    oracle = auc(labels, read_truth(generated_tsv)[TRAIN_ROWS:])
+    assert tiny_checkpoint.metrics["valid_auc"] > 0.68
+    assert tiny_checkpoint.metrics["valid_auc"] > oracle - 0.08
 
 
 def test_checkpoint_keeps_the_best_epoch(tiny_checkpoint: Checkpoint, generated_tsv: Path) -> None:
@@ -32,9 +34,9 @@ def test_checkpoint_keeps_the_best_epoch(tiny_checkpoint: Checkpoint, generated_
     best = max(history, key=lambda h: h["valid_auc"])
     assert tiny_checkpoint.metrics["best_epoch"] == best["epoch"]
     chunks = list(read_chunks([generated_tsv], "criteo", CRITEO_SCHEMA))
-    labels = np.concatenate([c.labels for c in chunks])[16_000:]
+    labels = np.concatenate([c.labels for c in chunks])[TRAIN_ROWS:]
     columns = {
-        k: np.concatenate([c.columns[k] for c in chunks])[16_000:] for k in chunks[0].columns
+        k: np.concatenate([c.columns[k] for c in chunks])[TRAIN_ROWS:] for k in chunks[0].columns
     }
     probs = Predictor(tiny_checkpoint).predict_columns(columns, len(labels))
     assert auc(labels, probs) == pytest.approx(best["valid_auc"], abs=1e-9)
@@ -42,9 +44,9 @@ def test_checkpoint_keeps_the_best_epoch(tiny_checkpoint: Checkpoint, generated_
 
 def test_checkpoint_records_data_and_config(tiny_checkpoint: Checkpoint) -> None:
     t = tiny_checkpoint.training
-    assert t["data"]["rows"] == 20_000 and t["data"]["files"][0]["name"] == "data.tsv"
+    assert t["data"]["rows"] == GENERATED_ROWS and t["data"]["files"][0]["name"] == "data.tsv"
     assert len(t["data"]["files"][0]["sha256"]) == 64
-    assert t["splits"] == {"train": 16_000, "valid": 4_000, "test": 0}
+    assert t["splits"] == {"train": TRAIN_ROWS, "valid": GENERATED_ROWS - TRAIN_ROWS, "test": 0}
     assert t["config"]["hidden_units"] == [32, 16]
 
 
