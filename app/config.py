@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = 8 * MiB
     chunk_rows: PositiveInt = Field(4096, description="rows per forward pass in /predict_many")
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required")
-    torch_threads: PositiveInt | None = Field(None, description="default: one per core")
+    torch_threads: PositiveInt | None = Field(
+        None, description="torch intra-op threads; default: one per core but one"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: PositiveInt = 8000

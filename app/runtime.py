@@ -47,7 +47,9 @@ class Runtime:
     async def start(
         cls, settings: Settings, metrics: Metrics, checkpoint: Checkpoint | None = None
     ) -> Runtime:
-        threads = settings.torch_threads or os.cpu_count() or 1
+        # The event loop needs a core of its own (HTTP parsing and validation): torch gets
+        # the others unless told otherwise.
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
         torch.set_num_threads(threads)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         loop = asyncio.get_running_loop()

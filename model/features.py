@@ -227,8 +227,7 @@ class FeatureSpec:
         for name in sparse_names:
             col = np.empty(len(rows), dtype=object)
             col[:] = [
-                v if v is None or v.__class__ is str else str(v)
-                for v in (row.get(name) for row in rows)
+                v if (v := row.get(name)).__class__ is str or v is None else str(v) for row in rows
             ]
             columns[name] = col
         return columns
