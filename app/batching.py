@@ -1,10 +1,16 @@
 """The micro-batcher: concurrent calls gathered into one batch, processed one batch at a time.
 
-A single worker task takes the first waiting call and, without waiting for
-company, every other call already queued behind it (up to ``max_calls``), and
-hands them to ``process`` together. While a batch is processed (the forward pass
-runs off the event loop), new calls queue; the next batch takes them all. At low
-load a call therefore runs at once; under load batches grow by themselves.
+Callers on the event loop put their item on a queue and await a future. A worker
+thread of its own takes the first waiting call and, without waiting for company,
+every other call already queued behind it (up to ``max_calls``), processes them
+together (the forward pass, off the event loop), and hands each caller its
+result through the loop. While a batch is processed new calls queue; the next
+batch takes them all. At low load a call therefore runs at once; under load
+batches grow by themselves.
+
+The worker never waits for the event loop to schedule it: a busy loop (parsing
+and validating many requests) does not slow the batch cycle, which it does when
+the batch loop is itself a task on that loop.
 
 A failure while processing a batch reaches every caller in it. ``close`` stops
 taking new calls and drains those already queued before it returns.
@@ -13,9 +19,10 @@ taking new calls and drains those already queued before it returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -23,24 +30,35 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+_STOP = object()
+
 
 class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no new calls."""
 
 
 class MicroBatcher(Generic[T, R]):
-    """Gathers calls into batches for ``process``, which returns one result per item."""
+    """Gathers calls into batches for ``process``, which returns one result per item.
+
+    ``process`` runs on the batcher's worker thread. Create the batcher on the
+    event loop that will submit to it.
+    """
 
     def __init__(
-        self, process: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_calls: int
+        self,
+        process: Callable[[Sequence[T]], Sequence[R]],
+        max_calls: int,
+        name: str = "micro-batcher",
     ) -> None:
         if max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         self._process = process
         self._max_calls = max_calls
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closing = False
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     @property
     def queued(self) -> int:
@@ -50,43 +68,60 @@ class MicroBatcher(Generic[T, R]):
         """Queue ``item`` and wait for its result (or the exception of its batch)."""
         if self._closing:
             raise BatcherClosed("the service is shutting down")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
+        future: asyncio.Future[R] = self._loop.create_future()
+        self._queue.put((item, future))
         return await future
 
     async def close(self) -> None:
         """Take no new calls, finish every queued one, then stop the worker."""
-        self._closing = True
-        await self._queue.join()
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
+        if not self._closing:
+            self._closing = True
+            self._queue.put(_STOP)  # behind every call already queued
+        await asyncio.to_thread(self._thread.join)
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_calls and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._run_batch(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch: list[tuple[T, asyncio.Future[R]]] = []
+            entry = self._queue.get()
+            while True:
+                if entry is _STOP:
+                    stop = True
+                    break
+                batch.append(entry)  # type: ignore[arg-type]
+                if len(batch) >= self._max_calls:
+                    break
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._run_batch(batch)
 
-    async def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        # done() read from this thread can only be stale towards "not done": a caller
+        # that gave up meanwhile is skipped again when the results are handed out.
         live = [(item, future) for item, future in batch if not future.done()]
         if not live:
-            return  # every caller went away
+            return
         try:
-            results = await self._process([item for item, _ in live])
+            results = self._process([item for item, _ in live])
             if len(results) != len(live):
                 raise RuntimeError(f"process returned {len(results)} results for {len(live)}")
         except Exception as exc:  # every caller of the batch gets the failure
             log.exception("a batch of %d calls failed", len(live))
-            for _, future in live:
-                if not future.done():
-                    future.set_exception(exc)
+            self._loop.call_soon_threadsafe(_fail, [f for _, f in live], exc)
             return
-        for (_, future), result in zip(live, results, strict=True):
-            if not future.done():  # a caller that gave up is simply skipped
-                future.set_result(result)
+        self._loop.call_soon_threadsafe(_resolve, [f for _, f in live], results)
+
+
+def _resolve(futures: list[asyncio.Future[R]], results: Sequence[R]) -> None:
+    for future, result in zip(futures, results, strict=True):
+        if not future.done():
+            future.set_result(result)
+
+
+def _fail(futures: list[asyncio.Future[R]], exc: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)

@@ -45,3 +45,9 @@ class NotReady(ServiceError):
     """No model is loaded yet, or the service is shutting down (503)."""
 
     status_code = 503
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its request was read (499, which nobody receives)."""
+
+    status_code = 499

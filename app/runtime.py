@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,19 +27,12 @@ Result = tuple[np.ndarray, str]  # probabilities of one call's rows, and the mod
 class Runtime:
     """The loaded model behind the micro-batcher; created and closed by the app's lifespan."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        metrics: Metrics,
-        model: ServingModel,
-        executor: ThreadPoolExecutor,
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, model: ServingModel) -> None:
         self.settings = settings
         self.metrics = metrics
         self.model = model
-        self._executor = executor
         self._batcher: MicroBatcher[Sequence[Row], Result] = MicroBatcher(
-            self._process, settings.batch_max
+            self._process, settings.batch_max, name="forward"
         )
         self._closing = False
 
@@ -51,14 +44,17 @@ class Runtime:
         # the others unless told otherwise.
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
         torch.set_num_threads(threads)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        loop = asyncio.get_running_loop()
+        # The forward pass releases and retakes the GIL at every torch op; while the event
+        # loop holds it, each retake waits up to the switch interval (5 ms by default), so
+        # a forward pass of 20 ops could stall for 100 ms under load. A short interval
+        # bounds that convoy.
+        sys.setswitchinterval(settings.switch_interval_s)
         if checkpoint is None:
-            checkpoint = await loop.run_in_executor(executor, load_checkpoint, settings.model_dir)
+            checkpoint = await asyncio.to_thread(load_checkpoint, settings.model_dir)
         model = checkpoint.build_model()
         store = MemoryStore(model, metrics)
-        serving = ServingModel(checkpoint, model, store, executor, metrics, settings.chunk_rows)
-        await serving.predict([{}])  # warm up: the first forward pass pays one-off costs
+        serving = ServingModel(checkpoint, model, store, metrics, settings.chunk_rows)
+        await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
         metrics.model_info.labels(serving.version).set(1)
         log.info(
             "serving %s from %s with the %s embedding store on %d torch threads",
@@ -67,7 +63,7 @@ class Runtime:
             store.backend,
             threads,
         )
-        return cls(settings, metrics, serving, executor)
+        return cls(settings, metrics, serving)
 
     @property
     def ready(self) -> bool:
@@ -86,12 +82,13 @@ class Runtime:
         except BatcherClosed:
             raise NotReady("the service is shutting down") from None
 
-    async def _process(self, calls: Sequence[Sequence[Row]]) -> list[Result]:
+    def _process(self, calls: Sequence[Sequence[Row]]) -> list[Result]:
+        """One batch, on the batcher's worker thread."""
         model = self.model  # one model for the whole batch: its version names every answer
         rows = [row for call in calls for row in call]
         self.metrics.batch_calls.observe(len(calls))
         self.metrics.batch_rows.observe(len(rows))
-        probabilities = await model.predict(rows)
+        probabilities = model.predict(rows)
         results: list[Result] = []
         start = 0
         for call in calls:
@@ -104,4 +101,3 @@ class Runtime:
         self._closing = True
         await self._batcher.close()
         await self.model.store.aclose()
-        self._executor.shutdown(wait=True)

@@ -1,16 +1,14 @@
 """A loaded model, ready to serve: feature encoding, embedding store and the dense part.
 
 ``ServingModel.predict`` scores raw rows (field name -> value) exactly as the
-offline code in ``model/`` does, in chunks; its CPU work runs on one worker
-thread, off the event loop, so forward passes never overlap (torch's own
+offline code in ``model/`` does, in chunks. It is CPU work: the micro-batcher's
+worker thread runs it, off the event loop, one batch at a time (torch's own
 threads use the cores).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,7 +33,6 @@ class ServingModel:
         checkpoint: Checkpoint,
         model: DeepFM,
         store: EmbeddingStore,
-        executor: ThreadPoolExecutor,
         metrics: Metrics,
         chunk_rows: int,
     ) -> None:
@@ -45,22 +42,19 @@ class ServingModel:
         self.schemas = RequestSchemas.build(checkpoint.features)
         self.store = store
         self._model = model
-        self._executor = executor
         self._metrics = metrics
         self._chunk_rows = chunk_rows
 
-    async def predict(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
-        """Click probabilities of ``rows``, in order."""
-        loop = asyncio.get_running_loop()
-        parts = []
-        for start in range(0, len(rows), self._chunk_rows):
-            chunk = rows[start : start + self._chunk_rows]
-            parts.append(await loop.run_in_executor(self._executor, self._predict_chunk, chunk))
+    def predict(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
+        """Click probabilities of ``rows``, in order. CPU-bound: call it off the event loop."""
+        parts = [
+            self._predict_chunk(rows[start : start + self._chunk_rows])
+            for start in range(0, len(rows), self._chunk_rows)
+        ]
         self._metrics.rows_predicted.inc(len(rows))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _predict_chunk(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
-        """Encode, gather and forward, all on the worker thread: one hop per chunk."""
         ids, dense = self.features.encode_rows(rows)
         with torch.inference_mode():
             gathered = self.store.gather(ids)

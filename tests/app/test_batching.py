@@ -1,4 +1,5 @@
 import asyncio
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -9,20 +10,30 @@ pytestmark = pytest.mark.anyio
 
 
 class Recorder:
-    """A process function that records its batches and can be held back."""
+    """A process function (it runs on the batcher's thread) that records its batches and
+    can be held back at a gate."""
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
-        self.gate = asyncio.Event()
+        self.gate = threading.Event()
         self.gate.set()
         self.fail_on: int | None = None
 
-    async def __call__(self, items: Sequence[int]) -> list[int]:
+    def __call__(self, items: Sequence[int]) -> list[int]:
         self.batches.append(list(items))
-        await self.gate.wait()
+        assert self.gate.wait(timeout=10)
         if self.fail_on is not None and self.fail_on in items:
             raise ValueError(f"boom on {self.fail_on}")
         return [i * 10 for i in items]
+
+
+async def until(condition: object) -> None:
+    """Poll ``condition()`` without sleeping on a timer."""
+    for _ in range(100_000):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
 
 
 async def hold(
@@ -31,23 +42,21 @@ async def hold(
     """Submit ``item`` and wait until its batch is being processed, held at the gate."""
     recorder.gate.clear()
     held = asyncio.ensure_future(batcher.submit(item))
-    while not recorder.batches:
-        await asyncio.sleep(0)
+    await until(lambda: recorder.batches)
     return held
 
 
 async def queue(batcher: MicroBatcher[int, int], items: range) -> list[asyncio.Future[int]]:
     """Submit ``items`` and wait until they are all queued behind the held batch."""
     futures = [asyncio.ensure_future(batcher.submit(i)) for i in items]
-    while batcher.queued < len(items):
-        await asyncio.sleep(0)
+    await until(lambda: batcher.queued >= len(items))
     return futures
 
 
 async def test_a_lone_call_runs_at_once() -> None:
     recorder = Recorder()
     batcher = MicroBatcher(recorder, max_calls=8)
-    # No timer: the call completes as soon as the worker is scheduled.
+    # No timer: the call completes as soon as the worker takes it.
     assert await asyncio.wait_for(batcher.submit(3), timeout=5) == 30
     assert recorder.batches == [[3]]
     await batcher.close()
@@ -85,6 +94,7 @@ async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
     blocker = await hold(batcher, recorder, 1)
     quitter, stayer = await queue(batcher, range(2, 4))
     quitter.cancel()
+    await asyncio.sleep(0)
     recorder.gate.set()
     assert await blocker == 10 and await stayer == 30
     assert recorder.batches[-1] == [3]
@@ -94,21 +104,19 @@ async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
 async def test_close_drains_queued_calls_then_refuses_new_ones() -> None:
     recorder = Recorder()
     batcher = MicroBatcher(recorder, max_calls=2)
-    recorder.gate.clear()
-    pending = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
-    while not recorder.batches:
-        await asyncio.sleep(0)
+    held = await hold(batcher, recorder, 0)
+    pending = await queue(batcher, range(1, 5))
     closing = asyncio.ensure_future(batcher.close())
     await asyncio.sleep(0)
     with pytest.raises(BatcherClosed):
         await batcher.submit(9)
     recorder.gate.set()
     await closing
-    assert [await p for p in pending] == [0, 10, 20, 30, 40]
+    assert [await p for p in [held, *pending]] == [0, 10, 20, 30, 40]
 
 
 async def test_a_process_returning_the_wrong_count_fails_the_batch() -> None:
-    async def short(items: Sequence[int]) -> list[int]:
+    def short(items: Sequence[int]) -> list[int]:
         return []
 
     batcher = MicroBatcher(short, max_calls=4)
@@ -117,12 +125,6 @@ async def test_a_process_returning_the_wrong_count_fails_the_batch() -> None:
     await batcher.close()
 
 
-def test_max_calls_must_be_positive() -> None:
-    async def noop(items: Sequence[int]) -> list[int]:
-        return list(items)
-
-    async def make() -> None:
-        MicroBatcher(noop, max_calls=0)
-
+async def test_max_calls_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_calls"):
-        asyncio.run(make())
+        MicroBatcher(lambda items: list(items), max_calls=0)

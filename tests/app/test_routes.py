@@ -285,3 +285,44 @@ async def test_unknown_paths_and_methods_are_4xx(client: httpx.AsyncClient) -> N
     assert (await client.get("/predict")).status_code == 405
     text = (await client.get("/metrics")).text
     assert 'ctr_requests_total{endpoint="other",status="404"}' in text
+
+
+async def test_a_client_that_disconnects_mid_body_is_not_an_error() -> None:
+    """It used to surface as an unexpected error (500, with a traceback in the log)."""
+    from asgi_lifespan import LifespanManager
+
+    from app.config import Settings
+    from app.main import create_app
+
+    app = create_app(Settings())
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with LifespanManager(app) as manager:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/predict",
+            "raw_path": b"/predict",
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "headers": [(b"content-type", b"application/json")],
+            "state": manager._state,
+        }  # the lifespan state, as a server would pass it
+        await app(scope, receive, send)
+        metrics = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=metrics, base_url="http://ctr") as client:
+            text = (await client.get("/metrics")).text
+    assert sent[0]["status"] == 499
+    assert 'ctr_errors_total{kind="ClientGone"} 1.0' in text
+    assert 'kind="internal"' not in text
