@@ -34,9 +34,6 @@ class Settings(BaseSettings):
     torch_threads: PositiveInt | None = Field(
         None, description="torch intra-op threads; default: one per core but one"
     )
-    switch_interval_s: float = Field(
-        0.0005, gt=0, description="Python's GIL switch interval (see app/runtime.py)"
-    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: PositiveInt = 8000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,11 +43,6 @@ class Runtime:
         # the others unless told otherwise.
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
         torch.set_num_threads(threads)
-        # The forward pass releases and retakes the GIL at every torch op; while the event
-        # loop holds it, each retake waits up to the switch interval (5 ms by default), so
-        # a forward pass of 20 ops could stall for 100 ms under load. A short interval
-        # bounds that convoy.
-        sys.setswitchinterval(settings.switch_interval_s)
         if checkpoint is None:
             checkpoint = await asyncio.to_thread(load_checkpoint, settings.model_dir)
         model = checkpoint.build_model()
