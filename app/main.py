@@ -33,9 +33,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     checkpoint = load_checkpoint(settings.model_dir)
     metrics = Metrics()
 
+    # Handed to the runtime once, then forgotten here: the runtime keeps the model
+    # built from it, not a second copy of every tensor.
+    handover = [checkpoint]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        runtime = await Runtime.start(settings, metrics, checkpoint)
+        loaded = handover.pop() if handover else None
+        runtime = await Runtime.start(settings, metrics, loaded)
+        del loaded
         try:
             yield {"runtime": runtime}
         finally:
@@ -70,8 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal error"}, 500)
 
     endpoints = frozenset(route.path for route in router.routes)  # type: ignore[attr-defined]
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=endpoints)
+    # The last added is the outermost: metrics see the 413s of the body limit too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=endpoints)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -47,6 +48,7 @@ class Runtime:
         if checkpoint is None:
             checkpoint = await asyncio.to_thread(load_checkpoint, settings.model_dir)
         model = checkpoint.build_model()
+        checkpoint = dataclasses.replace(checkpoint, state={})  # the model holds the tensors
         store = MemoryStore(model, metrics)
         serving = ServingModel(checkpoint, model, store, metrics, settings.chunk_rows)
         await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs

@@ -93,7 +93,8 @@ def error_details(exc: ValidationError) -> list[dict[str, Any]]:
     for error in exc.errors(include_url=False, include_context=False):
         loc = tuple(error["loc"])
         kind, msg = error["type"], error["msg"]
-        if loc and loc[-1] in ("str", "int"):  # one error per member of the sparse union
+        if kind in ("string_type", "int_type") and loc and loc[-1] in ("str", "int"):
+            # One error per member of the sparse union; the last loc item is the member.
             loc, msg, kind = loc[:-1], SPARSE_MESSAGE, "sparse_type"
         elif kind in ("float_type", "finite_number"):
             msg, kind = DENSE_MESSAGE, "dense_type"

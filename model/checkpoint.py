@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from model.deepfm import DeepFM, DeepFMConfig
 from model.features import FeatureSpec, Vocabulary
@@ -75,14 +75,16 @@ def canonical_json(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def compute_version(weights_path: Path, spec: Mapping[str, Any]) -> str:
-    digest = hashlib.sha256()
-    with weights_path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
+def content_version(weights: bytes, spec: Mapping[str, Any]) -> str:
+    """The version a checkpoint with these weights bytes and this spec must carry."""
+    digest = hashlib.sha256(weights)
     digest.update(b"\n")
     digest.update(canonical_json({k: v for k, v in spec.items() if k != "version"}))
     return VERSION_PREFIX + digest.hexdigest()[:12]
+
+
+def compute_version(weights_path: Path, spec: Mapping[str, Any]) -> str:
+    return content_version(weights_path.read_bytes(), spec)
 
 
 def save_checkpoint(
@@ -110,7 +112,7 @@ def save_checkpoint(
         (tmp / VOCAB_DIR).mkdir()
         for f in features.embedded_fields:
             assert f.vocab is not None
-            (tmp / VOCAB_DIR / f"{f.name}.txt").write_text(f.vocab.to_text(), encoding="utf-8")
+            (tmp / VOCAB_DIR / f"{f.name}.txt").write_bytes(f.vocab.to_text().encode("utf-8"))
         spec: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "model": model.config.to_json(),
@@ -130,9 +132,14 @@ def save_checkpoint(
         for path in (*tmp.iterdir(), *(tmp / VOCAB_DIR).iterdir()):
             if path.is_file():
                 path.chmod(0o644)
+        # Swap by renames: a reader sees the old checkpoint or the new one, never a mix.
+        old = None
         if directory.exists():
-            shutil.rmtree(directory)
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            directory.rename(old / directory.name)
         tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -148,8 +155,9 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")
+    data = weights.read_bytes()  # read once: the bytes verified are the bytes loaded
     claimed = spec.get("version")
-    actual = compute_version(weights, spec)
+    actual = content_version(data, spec)
     if claimed != actual:
         raise CheckpointError(
             f"{directory}: content does not match its version {claimed!r} (the content hashes "
@@ -163,8 +171,13 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
         raise CheckpointError(f"{directory}: {SPEC_FILE} is malformed: {exc}") from None
     if features.vocab_sizes != config.vocab_sizes:
         raise CheckpointError(f"{directory}: vocab sizes in the feature spec and model disagree")
+    if len(features.dense_fields) != config.num_dense:
+        raise CheckpointError(
+            f"{directory}: the feature spec has {len(features.dense_fields)} dense fields, "
+            f"the model {config.num_dense}"
+        )
     try:
-        state = load_file(str(weights))
+        state = load(data)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is unreadable: {exc}") from None
     checkpoint = Checkpoint(directory, actual, config, features, state, spec)
@@ -198,7 +211,9 @@ def _read_vocabs(directory: Path, fields: list[dict[str, Any]]) -> dict[str, Voc
             continue
         path = directory / VOCAB_DIR / f"{f['name']}.txt"
         try:
-            vocab = Vocabulary.from_text(path.read_text(encoding="utf-8"))
+            # Bytes, decoded as they are: read_text would turn a "\r" inside a value into
+            # a line break.
+            vocab = Vocabulary.from_text(path.read_bytes().decode("utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{directory}: vocabulary of {f['name']!r}: {exc}") from None
         if vocab.sha256() != f["vocab_sha256"] or len(vocab) + 1 != f["vocab_size"]:

@@ -122,10 +122,8 @@ def score(model: DeepFM, data: EncodedData, start: int, stop: int) -> dict[str, 
     for ids, dense, y in data.batches(start, stop, EVAL_BATCH):
         labels.append(y)
         probs.append(sigmoid(predict_logits(model, ids, dense)))
-    return {
-        "auc": auc(np.concatenate(labels), np.concatenate(probs)),
-        "logloss": logloss(np.concatenate(labels), np.concatenate(probs)),
-    }
+    y, p = np.concatenate(labels), np.concatenate(probs)
+    return {"auc": auc(y, p), "logloss": logloss(y, p)}
 
 
 def train(

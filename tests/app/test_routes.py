@@ -117,6 +117,8 @@ async def test_missing_null_and_unseen_values(client: httpx.AsyncClient) -> None
     ("features", "field", "kind"),
     [
         ({"C99": "x"}, "C99", "extra_forbidden"),
+        ({"str": 1}, "str", "extra_forbidden"),  # once mistaken for a union member's tag
+        ({"int": "x"}, "int", "extra_forbidden"),
         ({"I1": "3"}, "I1", "dense_type"),
         ({"I1": True}, "I1", "dense_type"),
         ({"I1": [1]}, "I1", "dense_type"),
@@ -213,9 +215,13 @@ async def test_large_bodies_are_413_before_parsing(make_client: ClientFactory) -
             "/predict_many", content=chunks(), headers={"content-type": "application/json"}
         )
         small = await client.post("/predict", json={"features": {}})
+        metrics = (await client.get("/metrics")).text
     assert declared.status_code == 413 and "1000 bytes" in declared.json()["detail"]
     assert streamed.status_code == 413
     assert small.status_code == 200
+    # Both refusals are counted as what the client got (the streamed one was once a 500).
+    assert 'ctr_requests_total{endpoint="/predict_many",status="413"} 2.0' in metrics
+    assert 'status="500"' not in metrics
 
 
 async def test_operational_endpoints(client: httpx.AsyncClient, offline: Predictor) -> None:

@@ -10,6 +10,7 @@ from model.checkpoint import (
     WEIGHTS_FILE,
     Checkpoint,
     CheckpointError,
+    compute_version,
     load_checkpoint,
     save_checkpoint,
 )
@@ -112,8 +113,6 @@ def test_foreign_directories_are_refused(tmp_path: Path) -> None:
 
 def test_a_spec_that_hashes_right_but_does_not_fit_is_refused(copy: Path) -> None:
     """A hand-made spec whose model config disagrees with the weights, re-hashed."""
-    from model.checkpoint import compute_version
-
     spec = json.loads((copy / SPEC_FILE).read_text())
     spec["model"]["hidden_units"] = [7]
     spec["version"] = compute_version(copy / WEIGHTS_FILE, spec)
@@ -135,3 +134,30 @@ def test_save_replaces_an_existing_checkpoint_whole(
     assert not (copy / "stray.txt").exists()
     assert not [p for p in copy.parent.iterdir() if p.name.startswith(".")]
     assert load_checkpoint(copy).created_at == "2026-02-02T00:00:00+00:00"
+
+
+def test_a_spec_whose_dense_fields_disagree_with_the_model_is_refused(copy: Path) -> None:
+    spec = json.loads((copy / SPEC_FILE).read_text())
+    spec["features"] = [f for f in spec["features"] if f["name"] != "I1"]
+    spec["version"] = compute_version(copy / WEIGHTS_FILE, spec)
+    (copy / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="12 dense fields, the model 13"):
+        load_checkpoint(copy)
+
+
+def test_values_with_carriage_returns_survive_a_round_trip(tmp_path: Path) -> None:
+    """read_text turned "\\r" into a line break and the checkpoint no longer loaded."""
+    import numpy as np
+
+    from model.deepfm import DeepFM, DeepFMConfig
+    from model.features import SpecFitter
+
+    fitter = SpecFitter({"c": "category"})
+    values = np.empty(3, dtype=object)
+    values[:] = ["a\rb", "c", "a\rb"]
+    fitter.update({"c": values})
+    features = fitter.finish()
+    model = DeepFM(DeepFMConfig(vocab_sizes=features.vocab_sizes, num_dense=0, hidden_units=(2,)))
+    save_checkpoint(tmp_path / "cr", model, features, created_at="2026-01-01T00:00:00+00:00")
+    vocab = load_checkpoint(tmp_path / "cr").features.by_name["c"].vocab
+    assert vocab is not None and vocab.values == ("a\rb", "c")

@@ -78,6 +78,15 @@ def test_count_rows_without_a_final_newline(tmp_path: Path) -> None:
     assert count_rows([path], "criteo") == 2
 
 
+def test_count_rows_skips_blank_lines_as_the_parser_does(criteo_tsv: Path, tmp_path: Path) -> None:
+    """A trailing blank line used to be counted, and training stopped with a mismatch."""
+    lines = criteo_tsv.read_bytes().split(b"\n")[:3]
+    path = tmp_path / "blank.tsv"
+    path.write_bytes(b"\n" + lines[0] + b"\n\n\n" + lines[1] + b"\n" + lines[2] + b"\n\n")
+    read = sum(len(c) for c in read_chunks([path], "criteo", CRITEO_SCHEMA))
+    assert count_rows([path], "criteo") == read == 3
+
+
 def test_missing_label_is_an_error(tmp_path: Path, criteo_tsv: Path) -> None:
     path = tmp_path / "nolabel.tsv"
     path.write_text("\t" + criteo_tsv.read_text().split("\n")[0].split("\t", 1)[1] + "\n")
