@@ -103,3 +103,4 @@ class Runtime:
         self._closing = True
         await self._batcher.close()
         await self.model.store.aclose()
+        gc.unfreeze()  # what start froze may be garbage now (a test's app, a replaced model)
