@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
 from app.errors import ServiceError
 from app.metrics import Metrics, RequestMetricsMiddleware
-from app.routes import build_router
+from app.routes import build_router, prediction_docs, prediction_routes
 from app.runtime import Runtime
 from app.schemas import RequestSchemas
 from model.checkpoint import load_checkpoint
@@ -54,9 +55,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=checkpoint.version,
         lifespan=lifespan,
     )
-    router = build_router(RequestSchemas.build(checkpoint.features), settings.max_instances)
+    router = build_router()
     app.include_router(router)
-    _document_components(app, router.openapi_components)  # type: ignore[attr-defined]
+    served = prediction_routes()
+    app.router.routes.extend(served)
+    components: dict[str, Any] = {}
+    docs = prediction_docs(
+        RequestSchemas.build(checkpoint.features), settings.max_instances, components
+    )
+    _document(app, docs, components)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -75,21 +82,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal error"}, 500)
 
-    endpoints = frozenset(route.path for route in router.routes)  # type: ignore[attr-defined]
+    endpoints = frozenset(route.path for route in [*router.routes, *served])  # type: ignore[attr-defined]
     # The last added is the outermost: metrics see the 413s of the body limit too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=endpoints)
     return app
 
 
-def _document_components(app: FastAPI, components: dict[str, Any]) -> None:
-    """Add the request bodies' schema definitions to the generated OpenAPI document."""
-    default_openapi = app.openapi
+def _document(app: FastAPI, docs: APIRouter, components: dict[str, Any]) -> None:
+    """The OpenAPI document: the app's FastAPI routes, the prediction routes' declarations
+    (``docs``) and their request bodies' schema definitions."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = default_openapi()
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=[*docs.routes, *app.routes],
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
-        return app.openapi_schema or schema
+            app.openapi_schema = schema
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
