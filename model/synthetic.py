@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,32 +134,66 @@ class GroundTruth:
         x[rng.random(n) < d.missing_rate] = math.nan
         return x
 
-    def _terms(
-        self, rng: np.random.Generator, n: int
-    ) -> tuple[FloatArray, dict[str, npt.NDArray[Any]]]:
-        """Rows' logit terms ``n x 3`` (first-order, pairwise, dense; scaled), and columns."""
-        columns: dict[str, npt.NDArray[Any]] = {}
-        first = np.zeros(n)
+    def _draw(self, rng: np.random.Generator, n: int) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """Raw dense values ``n x 13`` (NaN = missing) and value indices ``n x 26`` (the
+        last index of a field, its cardinality, is "missing")."""
         dense = np.column_stack([self._draw_dense(rng, d, n) for d in self.dense])
-        for name, d, x in zip(CRITEO_DENSE, self.dense, dense.T, strict=True):
-            columns[name] = x
+        idx = np.empty((n, len(self.sparse)), dtype=np.int64)
+        for j, s in enumerate(self.sparse):
+            idx[:, j] = np.minimum(np.searchsorted(s.cdf, rng.random(n)), len(s.values) - 1)
+            idx[rng.random(n) < s.missing_rate, j] = len(s.values)
+        return dense, idx
+
+    def terms(
+        self,
+        dense: FloatArray,
+        idx: npt.NDArray[np.int64],
+        known: Sequence[npt.NDArray[np.bool_]] | None = None,
+    ) -> FloatArray:
+        """The rows' logit terms ``n x 3``: first-order, pairwise and dense, scaled.
+
+        ``known`` (one mask over each field's values) zeroes the effects of the values
+        it leaves out: the truth as seen by someone who knows only those values.
+        """
+        n = len(idx)
+        first = np.zeros(n)
+        for d, x in zip(self.dense, dense.T, strict=True):
             first += np.where(np.isnan(x), d.missing_effect, 0.0)
         dense_term = np.tanh(_squash(dense) @ self.w + self.c) @ self.v
         factor_sum = np.zeros((n, self.config.interaction_rank))
         factor_sq = np.zeros(n)
-        for name, s in zip(CRITEO_SPARSE, self.sparse, strict=True):
-            idx = np.minimum(np.searchsorted(s.cdf, rng.random(n)), len(s.values) - 1)
-            idx[rng.random(n) < s.missing_rate] = len(s.values)  # the "missing" slot
-            col = np.full(n, None, dtype=object)
-            present = idx < len(s.values)
-            col[present] = s.values[idx[present]].astype(object)
-            columns[name] = col
-            first += s.effect[idx]
-            u = s.factors[idx]
+        for j, s in enumerate(self.sparse):
+            keep = 1.0 if known is None else known[j][idx[:, j]].astype(np.float64)
+            first += s.effect[idx[:, j]] * keep
+            u = s.factors[idx[:, j]] * np.reshape(keep, (-1, 1))
             factor_sum += u
             factor_sq += np.square(u).sum(axis=1)
         pairwise = 0.5 * (np.square(factor_sum).sum(axis=1) - factor_sq)
-        return np.column_stack((first, pairwise, dense_term)) * self.scale, columns
+        terms: FloatArray = np.column_stack((first, pairwise, dense_term)) * self.scale
+        return terms
+
+    def _terms(
+        self, rng: np.random.Generator, n: int
+    ) -> tuple[FloatArray, dict[str, npt.NDArray[Any]]]:
+        """New rows' logit terms ``n x 3`` and their raw columns."""
+        dense, idx = self._draw(rng, n)
+        columns: dict[str, npt.NDArray[Any]] = dict(zip(CRITEO_DENSE, dense.T, strict=True))
+        for j, (name, s) in enumerate(zip(CRITEO_SPARSE, self.sparse, strict=True)):
+            col = np.full(n, None, dtype=object)
+            present = idx[:, j] < len(s.values)
+            col[present] = s.values[idx[present, j]].astype(object)
+            columns[name] = col
+        return self.terms(dense, idx), columns
+
+    def replay(self, rows: int) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """The raw dense values and value indices of the rows ``generate`` writes."""
+        parts = [
+            self._draw(
+                np.random.default_rng([self.config.seed, 1, i]), min(CHUNK_ROWS, rows - start)
+            )
+            for i, start in enumerate(range(0, rows, CHUNK_ROWS))
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def sample(
         self, rng: np.random.Generator, n: int
