@@ -44,13 +44,15 @@ class MemoryStore(EmbeddingStore):
 
     def __init__(self, model: DeepFM, metrics: Metrics) -> None:
         self._model = model
-        self._metrics = metrics
+        self._lookups = metrics.lookups.labels("tables")
+        self._hits = metrics.hits.labels("tables")
+        self._oov = metrics.oov
 
     def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
-        self._metrics.lookups.labels("tables").inc(ids.size)
         oov = int(np.count_nonzero(ids == 0))
-        self._metrics.hits.labels("tables").inc(ids.size - oov)
-        self._metrics.oov.inc(oov)
+        self._lookups.inc(ids.size)
+        self._hits.inc(ids.size - oov)
+        self._oov.inc(oov)
         with torch.inference_mode():
             return self._model.gather(torch.from_numpy(ids))
 

@@ -43,6 +43,7 @@ import torch
 
 from benchmarks import report
 from model.checkpoint import load_checkpoint
+from model.data import criteo_json_rows
 from model.default_model import DEFAULT_MODEL_DIR
 from model.predict import predict_logits
 
@@ -51,7 +52,6 @@ SAMPLE = ROOT / "tests" / "data" / "criteo_sample.tsv"
 CONCURRENCY = (1, 16, 64)
 MANY_ROWS = 1000
 MANY_CONCURRENCY = 4
-NAMES = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 
 LUA = """
 local bodies = {}
@@ -65,17 +65,7 @@ end
 
 
 def sample_rows() -> list[dict[str, Any]]:
-    rows = []
-    for line in SAMPLE.read_text().splitlines():
-        values = line.split("\t")[1:]
-        rows.append(
-            {
-                n: (int(v) if n[0] == "I" else v)
-                for n, v in zip(NAMES, values, strict=True)
-                if v != ""
-            }
-        )
-    return rows
+    return criteo_json_rows(SAMPLE)
 
 
 def free_port() -> int:

@@ -151,6 +151,22 @@ def _to_chunk(batch: Any, schema: Schema, path: Path) -> Chunk:
     return Chunk(labels, columns)
 
 
+def criteo_json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a small Criteo TSV as a client would send them: field -> value, counts as
+    numbers, categories as strings, empty fields left out (for tests and examples)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        values = line.split("\t")[1:]
+        rows.append(
+            {
+                name: (int(v) if name in CRITEO_DENSE else v)
+                for name, v in zip(CRITEO_SCHEMA.features, values, strict=True)
+                if v != ""
+            }
+        )
+    return rows
+
+
 @dataclass(frozen=True)
 class EncodedData:
     """Encoded rows on disk: ids (int32), dense (float32) and labels (float32)."""

@@ -111,9 +111,7 @@ class Field:
 
     def categories(self, raw: npt.NDArray[Any]) -> ObjectArray:
         """The category string of every raw value (None where missing)."""
-        if self.transform == "bucket":
-            return bucketize(np.asarray(raw, dtype=np.float64))
-        return np.asarray(raw, dtype=object)
+        return categories(self.transform, raw)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "transform": self.transform}
@@ -123,6 +121,13 @@ class Field:
             out["vocab_size"] = self.vocab_size
             out["vocab_sha256"] = self.vocab.sha256()
         return out
+
+
+def categories(transform: Transform, raw: npt.NDArray[Any]) -> ObjectArray:
+    """Raw values of an embedded field -> category strings (None where missing)."""
+    if transform == "bucket":
+        return bucketize(np.asarray(raw, dtype=np.float64))
+    return np.asarray(raw, dtype=object)
 
 
 def bucketize(x: FloatArray) -> ObjectArray:
@@ -319,8 +324,7 @@ class SpecFitter:
 
     def update(self, columns: Columns) -> None:
         for name, counts in self._counts.items():
-            probe = Field(name, self.transforms[name], vocab=Vocabulary(()))
-            cats = probe.categories(columns[name])
+            cats = categories(self.transforms[name], columns[name])
             cats = cats[cats != None]  # noqa: E711 (elementwise comparison)
             if len(cats) == 0:
                 continue

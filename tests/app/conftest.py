@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,19 +56,3 @@ def make_client() -> ClientFactory:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with serve() as c:
         yield c
-
-
-def criteo_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a Criteo TSV as JSON features: counts as numbers, categories as strings."""
-    names = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
-    rows = []
-    for line in path.read_text().splitlines():
-        values = line.split("\t")[1:]
-        rows.append(
-            {
-                name: (int(v) if name.startswith("I") else v)
-                for name, v in zip(names, values, strict=True)
-                if v != ""
-            }
-        )
-    return rows

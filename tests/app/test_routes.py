@@ -8,8 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
+from model.data import criteo_json_rows
 from model.predict import Predictor
-from tests.app.conftest import ClientFactory, criteo_rows
+from tests.app.conftest import ClientFactory
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +35,7 @@ async def test_predict_answers_the_contract(client: httpx.AsyncClient, offline: 
 async def test_sample_rows_match_the_offline_model_through_both_endpoints(
     client: httpx.AsyncClient, offline: Predictor
 ) -> None:
-    rows = criteo_rows(DATA / "criteo_sample.tsv")
+    rows = criteo_json_rows(DATA / "criteo_sample.tsv")
     expected = offline.predict_rows(rows)
     many = await client.post("/predict_many", json={"instances": rows})
     assert many.status_code == 200

@@ -11,6 +11,7 @@ from model.data import (
     CRITEO_SCHEMA,
     Chunk,
     count_rows,
+    criteo_json_rows,
     encode_to_disk,
     guess_format,
     read_chunks,
@@ -134,15 +135,7 @@ def test_sample_rows_predict_alike_from_tsv_csv_and_json_rows(
     tsv, csv = read_all(criteo_tsv, "criteo"), read_all(criteo_csv, "csv")
     from_tsv = predictor.predict_columns(tsv.columns, 200)
     from_csv = predictor.predict_columns(csv.columns, 200)
-    lines = [line.split("\t") for line in criteo_tsv.read_text().splitlines()]
-    rows = [
-        {
-            name: (float(v) if name.startswith("I") else v)
-            for name, v in zip(CRITEO_SCHEMA.features, line[1:], strict=True)
-            if v != ""
-        }
-        for line in lines
-    ]
+    rows = criteo_json_rows(criteo_tsv)
     from_rows = predictor.predict_rows(rows)
     assert from_tsv.shape == (200,)
     assert np.all((from_tsv > 0) & (from_tsv < 1))

@@ -84,44 +84,21 @@ def test_another_seed_other_weights(
     assert other.version != tiny_checkpoint.version
 
 
+def cli(*args: object) -> None:
+    """``python -m model.train`` with these arguments (split on spaces), quietly."""
+    main([*" ".join(map(str, args)).split(), "--quiet"])
+
+
 def test_cli_trains_on_csv_with_named_columns_and_bucketing(
     criteo_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "csv-model"
-    main(
-        [
-            "--data",
-            str(criteo_csv),
-            "--label",
-            "label",
-            "--dense",
-            ",".join(CRITEO_SCHEMA.dense),
-            "--sparse",
-            ",".join(CRITEO_SCHEMA.sparse),
-            "--bucketize",
-            "I1,I2",
-            "--dense-transform",
-            "standard",
-            "--min-count",
-            "2",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--hidden-units",
-            "8",
-            "--embed-dim",
-            "4",
-            "--valid-fraction",
-            "0.25",
-            "--test-fraction",
-            "0.25",
-            "--optimizer",
-            "adagrad",
-            "--quiet",
-            "--out",
-            str(out),
-        ]
+    cli(
+        f"--data {criteo_csv} --label label --dense {','.join(CRITEO_SCHEMA.dense)}",
+        f"--sparse {','.join(CRITEO_SCHEMA.sparse)} --bucketize I1,I2",
+        "--dense-transform standard --min-count 2 --epochs 2 --batch-size 64",
+        "--hidden-units 8 --embed-dim 4 --valid-fraction 0.25 --test-fraction 0.25",
+        f"--optimizer adagrad --out {out}",
     )
     printed = capsys.readouterr().out
     checkpoint = load_checkpoint(out)
@@ -135,39 +112,10 @@ def test_cli_trains_on_csv_with_named_columns_and_bucketing(
 
 
 def test_cli_refuses_bad_arguments(criteo_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x"
     with pytest.raises(SystemExit):
-        main(["--data", str(criteo_csv), "--out", str(tmp_path / "x")])  # csv needs columns
+        cli(f"--data {criteo_csv} --out {out}")  # csv needs columns
     with pytest.raises(ValueError, match="not dense"):
-        main(
-            [
-                "--data",
-                str(criteo_csv),
-                "--label",
-                "label",
-                "--dense",
-                "I1",
-                "--sparse",
-                "C1",
-                "--bucketize",
-                "C1",
-                "--quiet",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
+        cli(f"--data {criteo_csv} --label label --dense I1 --sparse C1 --bucketize C1 --out {out}")
     with pytest.raises(ValueError, match="no training or validation rows"):
-        main(
-            [
-                "--data",
-                str(criteo_csv),
-                "--label",
-                "label",
-                "--sparse",
-                "C1",
-                "--valid-fraction",
-                "0",
-                "--quiet",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
+        cli(f"--data {criteo_csv} --label label --sparse C1 --valid-fraction 0 --out {out}")
