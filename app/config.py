@@ -23,9 +23,21 @@ class Settings(BaseSettings):
         None, description="memory, or redis (the default when redis_url is set)"
     )
     redis_url: SecretStr | None = Field(None, description="redis://, rediss:// or a cluster URL")
-    redis_timeout_ms: PositiveInt = 50
-    local_cache_rows: PositiveInt = 1_000_000
-    hold_tables: bool = True
+    redis_cluster: bool = Field(False, description="redis_url is a node of a Redis Cluster")
+    redis_timeout_ms: PositiveInt = Field(
+        50, description="time budget of one batch's Redis lookups; past it, the lower tiers"
+    )
+    redis_partitions: PositiveInt = Field(
+        64, description="hashes per field when publishing rows (readers use the manifest's)"
+    )
+    local_cache_rows: PositiveInt = Field(
+        1_000_000, description="embedding rows in the in-process LRU (redis store)"
+    )
+    hold_tables: bool = Field(
+        True,
+        description="redis store: also hold the checkpoint tables, for exact answers when "
+        "Redis fails; false: the replica's memory does not grow with the vocabulary",
+    )
     batch_max: PositiveInt = Field(256, description="most /predict calls in one forward pass")
     max_instances: PositiveInt = Field(10_000, description="most rows in one /predict_many")
     max_body_bytes: PositiveInt = 8 * MiB
@@ -46,6 +58,11 @@ class Settings(BaseSettings):
         if self.embedding_store == "redis" and self.redis_url is None:
             raise ValueError("CTR_EMBEDDING_STORE=redis needs CTR_REDIS_URL")
         return self
+
+    @property
+    def tables_in_process(self) -> bool:
+        """Whether this replica loads the checkpoint's tables and vocabularies."""
+        return self.store == "memory" or self.hold_tables
 
     @property
     def store(self) -> Literal["memory", "redis"]:

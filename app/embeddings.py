@@ -1,14 +1,15 @@
 """The embedding store: where a batch's embedding rows ``[w_f[x], V_f[x]_1..k]`` come from.
 
-``MemoryStore`` reads them from the checkpoint tables held in the process. A
-Redis-backed store (shared by every replica, with an in-process LRU in front)
-fills the same interface.
+``MemoryStore`` reads them from the checkpoint tables held in the process;
+``app.redisstore.RedisStore`` from an in-process LRU, then Redis, then (when held)
+the tables. Both turn raw rows into the model's input the same way.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -16,22 +17,28 @@ import torch
 
 from app.metrics import Metrics
 from model.deepfm import DeepFM
+from model.features import FeatureSpec
 
 StoreState = Literal["ok", "degraded"]
+Row = Mapping[str, Any]
+Encoded = tuple[torch.Tensor, npt.NDArray[np.float32]]
 
 
 class EmbeddingStore(ABC):
-    """Gathers the rows of a batch: ids ``B x F`` (0 = OOV) -> rows ``B x F x (1+k)``."""
+    """Turns raw rows into model input: embedding rows ``B x F x (1+k)``, dense ``B x D``."""
 
     backend: str
 
     @abstractmethod
-    def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
+    def encode(self, rows: Sequence[Row]) -> Encoded:
         """Called on the forward-pass worker thread, never on the event loop."""
 
     @property
     @abstractmethod
     def state(self) -> StoreState: ...
+
+    async def start(self) -> None:  # noqa: B027 (a store with nothing to start)
+        """Connect (on the event loop); the default store has nothing to connect to."""
 
     async def aclose(self) -> None:  # noqa: B027 (a store with nothing to close)
         """Release connections; the default store holds none."""
@@ -42,19 +49,21 @@ class MemoryStore(EmbeddingStore):
 
     backend = "memory"
 
-    def __init__(self, model: DeepFM, metrics: Metrics) -> None:
+    def __init__(self, features: FeatureSpec, model: DeepFM, metrics: Metrics) -> None:
+        self._features = features
         self._model = model
         self._lookups = metrics.lookups.labels("tables")
         self._hits = metrics.hits.labels("tables")
         self._oov = metrics.oov
 
-    def gather(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
+    def encode(self, rows: Sequence[Row]) -> Encoded:
+        ids, dense = self._features.encode_rows(rows)
         oov = int(np.count_nonzero(ids == 0))
         self._lookups.inc(ids.size)
         self._hits.inc(ids.size - oov)
         self._oov.inc(oov)
         with torch.inference_mode():
-            return self._model.gather(torch.from_numpy(ids))
+            return self._model.gather(torch.from_numpy(ids)), dense
 
     @property
     def state(self) -> StoreState:

@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The checkpoint is read here, so /docs shows the model's real fields
     and a bad CTR_MODEL_DIR fails at once, with the loader's message."""
     settings = settings or Settings()
-    checkpoint = load_checkpoint(settings.model_dir)
+    checkpoint = load_checkpoint(settings.model_dir, tables=settings.tables_in_process)
     metrics = Metrics()
 
     # Handed to the runtime once, then forgotten here: the runtime keeps the model

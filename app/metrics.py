@@ -60,6 +60,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.redis_latency = Histogram(
+            "ctr_redis_lookup_seconds",
+            "one batch's Redis round trip (LRU misses), as the forward-pass worker waits for it",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lru_rows = Gauge("ctr_lru_rows", "embedding rows in the in-process LRU", registry=r)
+        self.store_degraded = Gauge(
+            "ctr_embedding_store_degraded",
+            "1 while the embedding store answers from a lower tier (Redis unavailable)",
+            registry=r,
+        )
         self.errors = Counter("ctr_errors", "errors answered, by kind", ["kind"], registry=r)
         self.model_info = Gauge(
             "ctr_model_info", "the loaded model (value 1)", ["version"], registry=r

@@ -14,15 +14,32 @@ import torch
 
 from app.batching import BatcherClosed, MicroBatcher
 from app.config import Settings
-from app.embeddings import MemoryStore
+from app.embeddings import EmbeddingStore, MemoryStore, Row
 from app.errors import NotReady
 from app.metrics import Metrics
-from app.serving import Row, ServingModel
+from app.redisclient import connect
+from app.redisstore import RedisStore
+from app.serving import ServingModel
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.deepfm import DeepFM
 
 log = logging.getLogger(__name__)
 
+REDIS_SOCKET_TIMEOUT_S = 10.0
+
 Result = tuple[np.ndarray, str]  # probabilities of one call's rows, and the model's version
+
+
+def open_store(
+    settings: Settings, checkpoint: Checkpoint, model: DeepFM, metrics: Metrics
+) -> EmbeddingStore:
+    """The embedding store the settings ask for, not yet started."""
+    if settings.store == "memory":
+        return MemoryStore(checkpoint.features, model, metrics)
+    # The client's own socket timeout bounds publishing and probes; each batch's
+    # lookups have the tighter CTR_REDIS_TIMEOUT_MS.
+    client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
+    return RedisStore(checkpoint, model, client, settings, metrics)
 
 
 class Runtime:
@@ -46,10 +63,13 @@ class Runtime:
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
         torch.set_num_threads(threads)
         if checkpoint is None:
-            checkpoint = await asyncio.to_thread(load_checkpoint, settings.model_dir)
+            checkpoint = await asyncio.to_thread(
+                load_checkpoint, settings.model_dir, tables=settings.tables_in_process
+            )
         model = checkpoint.build_model()
         checkpoint = dataclasses.replace(checkpoint, state={})  # the model holds the tensors
-        store = MemoryStore(model, metrics)
+        store = open_store(settings, checkpoint, model, metrics)
+        await store.start()
         serving = ServingModel(checkpoint, model, store, metrics, settings.chunk_rows)
         await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
         metrics.model_info.labels(serving.version).set(1)
@@ -59,10 +79,11 @@ class Runtime:
         gc.collect()
         gc.freeze()
         log.info(
-            "serving %s from %s with the %s embedding store on %d torch threads",
+            "serving %s from %s with the %s embedding store (%s) on %d torch threads",
             serving.version,
             checkpoint.path,
             store.backend,
+            store.state,
             threads,
         )
         return cls(settings, metrics, serving)

@@ -8,21 +8,19 @@ threads use the cores).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from app.embeddings import EmbeddingStore
+from app.embeddings import EmbeddingStore, Row
 from app.metrics import Metrics
 from app.schemas import RequestSchemas
 from model.checkpoint import Checkpoint
 from model.deepfm import DeepFM
 from model.predict import sigmoid
-
-Row = Mapping[str, Any]
 
 
 class ServingModel:
@@ -55,9 +53,8 @@ class ServingModel:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _predict_chunk(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
-        ids, dense = self.features.encode_rows(rows)
+        gathered, dense = self.store.encode(rows)
         with torch.inference_mode():
-            gathered = self.store.gather(ids)
             logits = self._model.forward_rows(
                 gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
             )

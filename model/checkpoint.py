@@ -10,6 +10,10 @@ weights file and the canonical JSON of the spec without its ``version``. The
 spec holds each vocabulary's SHA-256, so the version covers the vocabularies
 too. Loading recomputes all of it and refuses a directory that does not match.
 Nothing in a checkpoint is ever executed: no pickle.
+
+``load_checkpoint(dir, tables=False)`` verifies the same way but reads neither
+the embedding tables nor the vocabularies into memory: only the dense part and
+each field's OOV row, for a server that reads its rows from Redis.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from model.deepfm import DeepFM, DeepFMConfig
@@ -35,6 +39,7 @@ WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 VOCAB_DIR = "vocab"
 VERSION_PREFIX = "deepfm-"
+TABLES = "sparse_rows.weight"  # the one tensor that grows with the vocabularies
 
 
 class CheckpointError(Exception):
@@ -51,6 +56,8 @@ class Checkpoint:
     features: FeatureSpec
     state: Mapping[str, torch.Tensor]
     spec: Mapping[str, Any]
+    oov_rows: torch.Tensor  # F x (1+k): each embedded field's row 0
+    tables: bool = True  # False: ``state`` lacks the tables, ``features`` the vocabularies
 
     @property
     def metrics(self) -> Mapping[str, Any]:
@@ -66,25 +73,36 @@ class Checkpoint:
 
     def build_model(self) -> DeepFM:
         """The DeepFM with this checkpoint's weights, in eval mode."""
-        model = DeepFM(self.config)
+        model = DeepFM(self.config, tables=self.tables)
         model.load_state_dict(dict(self.state), strict=True)
         return model.eval()
+
+    def table_rows(self, field: int) -> torch.Tensor:
+        """The rows of embedded field ``field``: ``vocab_size x (1+k)``, row 0 is OOV."""
+        if not self.tables:
+            raise RuntimeError(f"{self.path}: loaded without its tables")
+        start = sum(self.config.vocab_sizes[:field])
+        return self.state[TABLES][start : start + self.config.vocab_sizes[field]]
 
 
 def canonical_json(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def content_version(weights: bytes, spec: Mapping[str, Any]) -> str:
-    """The version a checkpoint with these weights bytes and this spec must carry."""
-    digest = hashlib.sha256(weights)
+def content_version(weights: bytes | Iterable[bytes], spec: Mapping[str, Any]) -> str:
+    """The version a checkpoint with these weights bytes (or chunks) and spec must carry."""
+    digest = hashlib.sha256()
+    for chunk in [weights] if isinstance(weights, bytes) else weights:
+        digest.update(chunk)
     digest.update(b"\n")
     digest.update(canonical_json({k: v for k, v in spec.items() if k != "version"}))
     return VERSION_PREFIX + digest.hexdigest()[:12]
 
 
 def compute_version(weights_path: Path, spec: Mapping[str, Any]) -> str:
-    return content_version(weights_path.read_bytes(), spec)
+    """``content_version`` of a weights file, read in chunks (memory does not grow with it)."""
+    with weights_path.open("rb") as f:
+        return content_version(iter(lambda: f.read(1 << 20), b""), spec)
 
 
 def save_checkpoint(
@@ -146,8 +164,11 @@ def save_checkpoint(
     return str(spec["version"])
 
 
-def load_checkpoint(directory: Path | str) -> Checkpoint:
-    """Load and verify a checkpoint; raise CheckpointError saying what is wrong."""
+def load_checkpoint(directory: Path | str, *, tables: bool = True) -> Checkpoint:
+    """Load and verify a checkpoint; raise CheckpointError saying what is wrong.
+
+    ``tables=False``: the dense part and the OOV rows only (see the module doc).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -155,9 +176,10 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")
-    data = weights.read_bytes()  # read once: the bytes verified are the bytes loaded
+    # With the tables, read once: the bytes verified are the bytes loaded.
+    data = weights.read_bytes() if tables else None
     claimed = spec.get("version")
-    actual = content_version(data, spec)
+    actual = content_version(data, spec) if data is not None else compute_version(weights, spec)
     if claimed != actual:
         raise CheckpointError(
             f"{directory}: content does not match its version {claimed!r} (the content hashes "
@@ -165,7 +187,7 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
         )
     try:
         config = DeepFMConfig.from_json(spec["model"])
-        vocabs = _read_vocabs(directory, spec["features"])
+        vocabs = _read_vocabs(directory, spec["features"]) if tables else {}
         features = FeatureSpec.from_json(spec["features"], vocabs)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory}: {SPEC_FILE} is malformed: {exc}") from None
@@ -176,16 +198,37 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
             f"{directory}: the feature spec has {len(features.dense_fields)} dense fields, "
             f"the model {config.num_dense}"
         )
+    offsets = [sum(config.vocab_sizes[:f]) for f in range(config.num_fields)]
     try:
-        state = load(data)
+        if data is not None:
+            state = load(data)
+            oov_rows = state[TABLES][offsets].clone() if TABLES in state else None
+        else:
+            state, oov_rows = _read_dense_part(weights, offsets)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is unreadable: {exc}") from None
-    checkpoint = Checkpoint(directory, actual, config, features, state, spec)
+    if oov_rows is None:
+        raise CheckpointError(f"{directory}: {WEIGHTS_FILE} has no {TABLES}")
+    checkpoint = Checkpoint(directory, actual, config, features, state, spec, oov_rows, tables)
     try:
         checkpoint.build_model()
     except RuntimeError as exc:
         raise CheckpointError(f"{directory}: weights do not fit the model config: {exc}") from None
     return checkpoint
+
+
+def _read_dense_part(
+    weights: Path, offsets: list[int]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Every tensor but the tables, and the tables' rows at ``offsets``, through a memory
+    map: the tables' pages are never all read."""
+    with safe_open(str(weights), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys() if name != TABLES}  # noqa: SIM118
+        if TABLES not in f.keys():  # noqa: SIM118 (a safe_open handle is no dict)
+            return state, None
+        tables = f.get_slice(TABLES)
+        rows = [tables[offset : offset + 1] for offset in offsets]
+    return state, torch.cat(rows).clone()
 
 
 def _read_spec(directory: Path) -> dict[str, Any]:

@@ -99,12 +99,15 @@ class DeepFM(nn.Module):
     """DeepFM returning logits; apply a sigmoid for probabilities."""
 
     offsets: Tensor
+    sparse_rows: nn.Embedding | None
 
-    def __init__(self, config: DeepFMConfig) -> None:
+    def __init__(self, config: DeepFMConfig, *, tables: bool = True) -> None:
+        """``tables=False`` builds the dense part only (``forward_rows``, no ``gather``):
+        a server reading its rows from an embedding store needs no table in memory."""
         super().__init__()
         self.config = config
         k = config.embed_dim
-        self.sparse_rows = nn.Embedding(sum(config.vocab_sizes), 1 + k)
+        self.sparse_rows = nn.Embedding(sum(config.vocab_sizes), 1 + k) if tables else None
         offsets = torch.tensor((0, *config.vocab_sizes[:-1]), dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.bias = nn.Parameter(torch.zeros(1))
@@ -117,13 +120,16 @@ class DeepFM(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.sparse_rows.weight[:, 0].zero_()
-            self.sparse_rows.weight[:, 1:].normal_(0.0, 0.01)
+            if self.sparse_rows is not None:
+                self.sparse_rows.weight[:, 0].zero_()
+                self.sparse_rows.weight[:, 1:].normal_(0.0, 0.01)
             self.dense_weight.zero_()
             self.bias.zero_()
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``[w, e_1..e_k]`` of every field: ids ``B x F`` int64 -> ``B x F x (1+k)``."""
+        if self.sparse_rows is None:
+            raise RuntimeError("this DeepFM was built without its tables")
         rows: Tensor = self.sparse_rows(ids + self.offsets)
         return rows
 

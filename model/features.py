@@ -87,11 +87,14 @@ class Field:
     transform: Transform
     stats: Mapping[str, float] = field(default_factory=dict)
     vocab: Vocabulary | None = None
+    # The vocabulary's length when it is not loaded: a server that reads embedding
+    # rows by raw value (from Redis) needs the field, not its values.
+    num_values: int | None = None
 
     def __post_init__(self) -> None:
         if self.transform not in EMBEDDED_TRANSFORMS | DENSE_TRANSFORMS:
             raise ValueError(f"field {self.name!r}: unknown transform {self.transform!r}")
-        if self.embedded and self.vocab is None:
+        if self.embedded and self.vocab is None and self.num_values is None:
             raise ValueError(f"field {self.name!r}: transform {self.transform!r} needs a vocab")
 
     @property
@@ -107,7 +110,9 @@ class Field:
     @property
     def vocab_size(self) -> int:
         """Rows in this field's table, including the OOV row 0."""
-        return len(self.vocab) + 1 if self.vocab is not None else 0
+        if self.vocab is not None:
+            return len(self.vocab) + 1
+        return self.num_values + 1 if self.num_values is not None else 0
 
     def categories(self, raw: npt.NDArray[Any]) -> ObjectArray:
         """The category string of every raw value (None where missing)."""
@@ -117,7 +122,9 @@ class Field:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "transform": self.transform}
         if self.stats:
             out["stats"] = dict(self.stats)
-        if self.vocab is not None:
+        if self.embedded:
+            if self.vocab is None:
+                raise ValueError(f"field {self.name!r}: its vocabulary is not loaded")
             out["vocab_size"] = self.vocab_size
             out["vocab_sha256"] = self.vocab.sha256()
         return out
@@ -220,15 +227,31 @@ class FeatureSpec:
         return _RowPlan(
             dense_inputs=dense_inputs,
             category_columns=categories,
-            category_lookups=tuple(
-                (embedded[j].name, embedded[j].vocab.index)  # type: ignore[union-attr]
-                for j in categories
-            ),
+            category_names=tuple(embedded[j].name for j in categories),
             bucket_columns=tuple(
                 (j, position[f.name]) for j, f in enumerate(embedded) if f.transform == "bucket"
             ),
             dense_columns=[position[f.name] for f in self.dense_fields],
         )
+
+    @cached_property
+    def _category_lookups(self) -> tuple[tuple[str, dict[str | None, int]], ...]:
+        """(name, value -> index) of every category field, in ``_row_plan`` order."""
+        return tuple(
+            (name, self._vocab(self.by_name[name]).index) for name in self._row_plan.category_names
+        )
+
+    def _vocab(self, f: Field) -> Vocabulary:
+        if f.vocab is None:
+            raise RuntimeError(f"field {f.name!r}: the vocabulary is not loaded")
+        return f.vocab
+
+    def _raw_dense(self, rows: Sequence[Mapping[str, Any]]) -> FloatArray:
+        """Every dense-kind input of ``rows``, ``B x len(dense_inputs)``; None becomes NaN."""
+        inputs = self._row_plan.dense_inputs
+        return np.array(
+            [[row.get(name) for name in inputs] for row in rows], dtype=np.float64
+        ).reshape(len(rows), len(inputs))
 
     def encode_rows(
         self, rows: Sequence[Mapping[str, Any]]
@@ -242,26 +265,51 @@ class FeatureSpec:
         as its decimal string; None or an absent field is missing.
         """
         plan = self._row_plan
+        lookups = self._category_lookups
         num_rows = len(rows)
-        raw_dense = np.array(  # None becomes NaN
-            [[row.get(name) for name in plan.dense_inputs] for row in rows], dtype=np.float64
-        ).reshape(num_rows, len(plan.dense_inputs))
+        raw_dense = self._raw_dense(rows)
         ids = np.zeros((num_rows, len(self.embedded_fields)), dtype=np.int64)
         ids[:, plan.category_columns] = np.array(
             [
                 [
                     index.get(v if (v := row.get(name)).__class__ is str else _category(v), 0)
-                    for name, index in plan.category_lookups
+                    for name, index in lookups
                 ]
                 for row in rows
             ],
             dtype=np.int64,
-        ).reshape(num_rows, len(plan.category_lookups))
+        ).reshape(num_rows, len(lookups))
         for j, position in plan.bucket_columns:
-            vocab = self.embedded_fields[j].vocab
-            assert vocab is not None
+            vocab = self._vocab(self.embedded_fields[j])
             ids[:, j] = vocab.lookup(bucketize(raw_dense[:, position]))
         return ids, self.transform_dense(raw_dense[:, plan.dense_columns])
+
+    def categorize_rows(
+        self, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[list[str | None]], npt.NDArray[np.float32]]:
+        """Rows of raw values -> (per embedded field, every row's category string or None;
+        dense ``B x D`` float32).
+
+        The path of a server that reads embedding rows by raw value and holds no
+        vocabulary: ``encode_rows`` is this followed by the vocabulary lookups, which
+        the tests hold it to.
+        """
+        plan = self._row_plan
+        raw_dense = self._raw_dense(rows)
+        columns: list[list[str | None]] = [[] for _ in self.embedded_fields]
+        if plan.category_names and rows:
+            by_row = [
+                [
+                    v if (v := row.get(name)).__class__ is str else _category(v)
+                    for name in plan.category_names
+                ]
+                for row in rows
+            ]
+            for j, values in zip(plan.category_columns, zip(*by_row, strict=True), strict=True):
+                columns[j] = list(values)
+        for j, position in plan.bucket_columns:
+            columns[j] = bucketize(raw_dense[:, position]).tolist()
+        return columns, self.transform_dense(raw_dense[:, plan.dense_columns])
 
     def to_json(self) -> list[dict[str, Any]]:
         return [f.to_json() for f in self.fields]
@@ -270,15 +318,19 @@ class FeatureSpec:
     def from_json(
         cls, fields: Iterable[Mapping[str, Any]], vocabs: Mapping[str, Vocabulary]
     ) -> FeatureSpec:
+        """The spec of ``fields`` (spec.json); an embedded field absent from ``vocabs``
+        keeps only its size (see ``Field.num_values``)."""
         built = []
         for f in fields:
-            vocab = vocabs.get(f["name"]) if f["transform"] in EMBEDDED_TRANSFORMS else None
+            embedded = f["transform"] in EMBEDDED_TRANSFORMS
+            vocab = vocabs.get(f["name"]) if embedded else None
             built.append(
                 Field(
                     name=f["name"],
                     transform=f["transform"],
                     stats={k: float(v) for k, v in f.get("stats", {}).items()},
                     vocab=vocab,
+                    num_values=int(f["vocab_size"]) - 1 if embedded and vocab is None else None,
                 )
             )
         return cls(tuple(built))
@@ -295,7 +347,7 @@ class _RowPlan:
 
     dense_inputs: tuple[str, ...]  # every dense-kind input, in field order
     category_columns: list[int]  # columns of ids filled from category fields
-    category_lookups: tuple[tuple[str, dict[str | None, int]], ...]
+    category_names: tuple[str, ...]  # the category fields, in category_columns order
     bucket_columns: tuple[tuple[int, int], ...]  # (ids column, dense input position)
     dense_columns: list[int]  # dense input positions of the model's dense fields
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from app.main import create_app
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.default_model import DEFAULT_MODEL_DIR
 from model.predict import Predictor
+from tests.redis_servers import RedisServer
 
 Client = httpx.AsyncClient
 ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -56,3 +58,13 @@ def make_client() -> ClientFactory:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with serve() as c:
         yield c
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, on a free loopback port; the test may kill or pause it."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,193 @@
+"""Publishing a checkpoint's embedding rows to Redis, and the key layout readers share.
+
+A row is the packed little-endian float32 vector ``[w_f[x], V_f[x]_1..k]``. The
+rows of model version ``v``, embedded field number ``j`` (in the spec's order) and
+raw value ``x`` live in the hash
+
+    ctr:rows:{v:f<j>:p<p>}    field x -> row,    p = crc32(x) mod partitions
+
+whose braces are a Redis Cluster hash tag: each partition lives on one node, and
+a field's partitions spread over the cluster. ``ctr:manifest:v`` (JSON: fields,
+partitions, row width, row count) is written after every row: a version without
+it is not published, whatever rows it has. ``ctr:lock:v`` keeps two publishers
+of one version from writing at once; it expires if its holder dies, and the
+holder renews it as it writes. Publishing is idempotent: a version with a
+manifest is never written again.
+
+    python -m app.publish [--model-dir DIR]     (CTR_REDIS_URL, CTR_REDIS_CLUSTER)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+from redis.exceptions import LockError
+
+from app.config import Settings
+from app.redisclient import RedisClient, connect
+from model.checkpoint import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+ROW_DTYPE = np.dtype("<f4")
+LOCK_TTL_S = 30.0  # a publisher that died holds the lock this long at most
+WRITE_BATCH_ROWS = 20_000  # rows per pipeline round trip while publishing
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the rows of one model version live."""
+
+    version: str
+    partitions: int
+
+    @property
+    def manifest_key(self) -> str:
+        return f"ctr:manifest:{self.version}"
+
+    @property
+    def lock_key(self) -> str:
+        return f"ctr:lock:{self.version}"
+
+    def hash_key(self, field: int, value: str) -> str:
+        return self.partition_key(field, zlib.crc32(value.encode()) % self.partitions)
+
+    def partition_key(self, field: int, partition: int) -> str:
+        return f"ctr:rows:{{{self.version}:f{field}:p{partition}}}"
+
+
+def manifest(checkpoint: Checkpoint, partitions: int) -> dict[str, Any]:
+    """What a complete publish of ``checkpoint`` records; readers check it field by field."""
+    return {
+        "version": checkpoint.version,
+        "fields": [f.name for f in checkpoint.features.embedded_fields],
+        "partitions": partitions,
+        "row_floats": 1 + checkpoint.config.embed_dim,
+        "rows": sum(size - 1 for size in checkpoint.config.vocab_sizes),
+    }
+
+
+async def read_manifest(client: RedisClient, version: str) -> dict[str, Any] | None:
+    """The manifest of ``version``, or None when that version is not (completely) published."""
+    raw = await client.get(f"ctr:manifest:{version}")
+    if raw is None:
+        return None
+    found: dict[str, Any] = orjson.loads(raw)
+    return found
+
+
+def check_manifest(found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise ValueError when a published manifest does not describe the expected rows."""
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise ValueError(
+                f"the published manifest of {expected['version']} has {key}={found.get(key)!r}, "
+                f"this checkpoint {value!r}"
+            )
+
+
+async def publish(client: RedisClient, checkpoint: Checkpoint, partitions: int) -> bool:
+    """Make sure ``checkpoint``'s rows are published; True when this call wrote them.
+
+    Waits while another publisher holds the version's lock, and returns as soon as
+    the version is complete, whoever completed it.
+    """
+    layout = Layout(checkpoint.version, partitions)
+    expected = manifest(checkpoint, partitions)
+    lock = client.lock(layout.lock_key, timeout=LOCK_TTL_S, blocking=True)
+    while True:
+        if (found := await read_manifest(client, layout.version)) is not None:
+            check_manifest(found, expected)
+            return False
+        if await lock.acquire(blocking_timeout=1.0):
+            break
+    try:
+        if (found := await read_manifest(client, layout.version)) is not None:
+            check_manifest(found, expected)
+            return False
+        started = time.perf_counter()
+        await _write_rows(client, checkpoint, layout, lock)
+        expected["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        await client.set(layout.manifest_key, orjson.dumps(expected))
+        log.info(
+            "published %d rows of %s in %.1f s",
+            expected["rows"],
+            layout.version,
+            time.perf_counter() - started,
+        )
+        return True
+    finally:
+        try:
+            await lock.release()
+        except LockError:  # it expired meanwhile; the manifest, if written, still counts
+            log.warning("the publish lock of %s expired before its release", layout.version)
+
+
+async def _write_rows(
+    client: RedisClient, checkpoint: Checkpoint, layout: Layout, lock: Any
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+    for j, f in enumerate(checkpoint.features.embedded_fields):
+        assert f.vocab is not None
+        rows = checkpoint.table_rows(j)[1:].numpy().astype(ROW_DTYPE)
+        for key, mapping in _partitions(layout, j, f.vocab.values, rows).items():
+            values = list(mapping.items())
+            for start in range(0, len(values), 1000):
+                pipe.hset(key, mapping=dict(values[start : start + 1000]))
+            pending += len(values)
+            if pending >= WRITE_BATCH_ROWS:
+                await pipe.execute()
+                await lock.reacquire()  # still ours, for another LOCK_TTL_S
+                pending = 0
+    await pipe.execute()
+
+
+def _partitions(
+    layout: Layout, field: int, values: Sequence[str], rows: np.ndarray
+) -> dict[str, dict[bytes, bytes]]:
+    """Hash key -> {value: packed row} for one field."""
+    width = rows.shape[1] * ROW_DTYPE.itemsize
+    blob = rows.tobytes()
+    out: dict[str, dict[bytes, bytes]] = {}
+    for i, value in enumerate(values):
+        raw = value.encode()
+        key = layout.partition_key(field, zlib.crc32(raw) % layout.partitions)
+        out.setdefault(key, {})[raw] = blob[i * width : (i + 1) * width]
+    return out
+
+
+async def _main(settings: Settings, model_dir: str | None) -> int:
+    if settings.redis_url is None:
+        log.error("CTR_REDIS_URL is not set: nowhere to publish")
+        return 2
+    checkpoint = await asyncio.to_thread(load_checkpoint, model_dir or settings.model_dir)
+    client = connect(settings, timeout_s=30.0)
+    try:
+        wrote = await publish(client, checkpoint, settings.redis_partitions)
+    finally:
+        await client.aclose()
+    print(f"{checkpoint.version}: {'published' if wrote else 'already published'}")  # noqa: T201
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", help="checkpoint to publish (default: CTR_MODEL_DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return asyncio.run(_main(Settings(), args.model_dir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

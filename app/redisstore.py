@@ -1,0 +1,296 @@
+"""The Redis embedding store: rows from an in-process LRU, then Redis, then the tables.
+
+For a batch, the unique ``(field, value)`` pairs are looked up in the LRU
+(``app.rowcache``); the misses go to Redis in one pipelined round trip (one per
+node of a cluster): an ``EXISTS`` of the version's manifest, then one ``HMGET``
+per partition hash (``app.publish`` has the layout). A value Redis does not have
+is OOV and gets its field's OOV row, which the replica holds; the answer is cached
+like any other row.
+
+The lookups run on the event loop (redis-py's asyncio client), sent there by the
+forward-pass worker thread, which waits for them at most ``CTR_REDIS_TIMEOUT_MS``.
+When Redis fails (down, refusing, too slow, or without this version's rows) the
+batch's misses come from the checkpoint tables when the replica holds them (exact
+answers, cached), else they get OOV rows (not cached); the store turns
+``degraded`` and logs it once. While degraded, batches do not try Redis: a
+watcher on the event loop probes it twice a second, publishes the version again
+if Redis lost it, and turns the store ``ok`` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from redis.exceptions import RedisError
+
+from app.config import Settings
+from app.embeddings import EmbeddingStore, Encoded, Row, StoreState
+from app.metrics import Metrics
+from app.publish import ROW_DTYPE, Layout, check_manifest, manifest, publish, read_manifest
+from app.redisclient import RedisClient
+from app.rowcache import Key, RowCache
+from model.checkpoint import TABLES, Checkpoint, load_checkpoint
+from model.deepfm import DeepFM
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 2.0
+# The worker's own wait, past the lookup's time budget, for a loop too busy to answer.
+LOOP_SLACK_S = 1.0
+
+REDIS_FAILURES = (RedisError, OSError, TimeoutError, concurrent.futures.TimeoutError)
+
+
+class MissingVersion(Exception):
+    """Redis answers but holds no complete publish of this model version."""
+
+
+class CorruptRow(Exception):
+    """A row in Redis has the wrong size for this model."""
+
+
+class RedisStore(EmbeddingStore):
+    backend = "redis"
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        model: DeepFM,
+        client: RedisClient,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = client
+        self._features = checkpoint.features
+        self._version = checkpoint.version
+        self._expected = manifest(checkpoint, settings.redis_partitions)
+        self._partitions = settings.redis_partitions
+        self._timeout_s = settings.redis_timeout_ms / 1000
+        self._oov = checkpoint.oov_rows.numpy().astype(np.float32)
+        self._width = self._oov.shape[1]
+        self._cache = RowCache(settings.local_cache_rows, self._width)
+        self._layout: Layout | None = None  # known once the manifest was read
+        # The tables, when held: the model's own tensor (no copy), for exact fallbacks.
+        self._tables: npt.NDArray[np.float32] | None = None
+        if model.sparse_rows is not None:
+            self._tables = model.sparse_rows.weight.detach().numpy()
+        self._offsets = model.offsets.tolist()
+        self._publish_source = self._source_of(checkpoint, model)
+        self._failure: str | None = "not connected yet"
+        self._failure_lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._metrics = metrics
+        self._lookups = {t: metrics.lookups.labels(t) for t in ("lru", "redis", "tables")}
+        self._hits = {t: metrics.hits.labels(t) for t in ("lru", "redis", "tables")}
+        self._fallbacks = {
+            r: metrics.fallbacks.labels(r) for r in ("unavailable", "timeout", "missing_version")
+        }
+
+    def _source_of(self, checkpoint: Checkpoint, model: DeepFM) -> Callable[[], Checkpoint]:
+        """How to get the tables to publish: the model's, else the checkpoint on disk."""
+        if model.sparse_rows is not None:
+            held = dataclasses.replace(
+                checkpoint, state={TABLES: model.sparse_rows.weight.detach()}
+            )
+            return lambda: held
+
+        def from_disk() -> Checkpoint:
+            loaded = load_checkpoint(checkpoint.path)
+            if loaded.version != checkpoint.version:
+                raise RuntimeError(
+                    f"{checkpoint.path} now holds {loaded.version}, not the {checkpoint.version} "
+                    "this replica serves: nothing to publish"
+                )
+            return loaded
+
+        return from_disk
+
+    # -- the event loop's side: start, watch, publish, close
+
+    async def start(self) -> None:
+        """Find (or publish) this version's rows; Redis down leaves the store degraded."""
+        try:
+            await self._connect()
+        except Exception as exc:
+            self._degrade(f"{type(exc).__name__}: {exc}")
+        else:
+            self._recover()
+        self._watcher = asyncio.create_task(self._watch(), name="redis-store-watcher")
+
+    async def _connect(self) -> None:
+        found = await asyncio.wait_for(read_manifest(self._client, self._version), PROBE_TIMEOUT_S)
+        if found is None:
+            log.info("%s is not published in Redis: publishing it", self._version)
+            checkpoint = await asyncio.to_thread(self._publish_source)
+            await publish(self._client, checkpoint, self._partitions)
+            del checkpoint
+            found = await read_manifest(self._client, self._version)
+            if found is None:
+                raise MissingVersion(f"{self._version} is still not published")
+        check_manifest(found, self._expected)
+        self._layout = Layout(self._version, int(found["partitions"]))
+
+    async def _watch(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._failure is not None:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                try:
+                    await self._connect()
+                except Exception as exc:
+                    log.debug("redis still unavailable: %s", exc)
+                else:
+                    self._recover()
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._client.aclose()
+
+    async def _hmget(self, layout: Layout, requests: list[tuple[str, list[str]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.exists(layout.manifest_key)
+        for key, fields in requests:
+            pipe.hmget(key, fields)
+        replies: list[Any] = await asyncio.wait_for(pipe.execute(), self._timeout_s)
+        return replies
+
+    # -- state, shared by both sides
+
+    @property
+    def state(self) -> StoreState:
+        return "ok" if self._failure is None else "degraded"
+
+    def _degrade(self, reason: str) -> None:
+        with self._failure_lock:
+            first = self._failure is None or self._failure == "not connected yet"
+            self._failure = reason
+        self._metrics.store_degraded.set(1)
+        if first:
+            answer = "the checkpoint tables" if self._tables is not None else "OOV rows"
+            log.warning(
+                "redis tier degraded (%s): answering from %s until it is back", reason, answer
+            )
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _recover(self) -> None:
+        with self._failure_lock:
+            was = self._failure
+            self._failure = None
+        self._metrics.store_degraded.set(0)
+        if was is not None and was != "not connected yet":
+            log.warning("redis tier back: %s rows come from Redis again", self._version)
+
+    # -- the worker thread's side: a batch's rows
+
+    def encode(self, rows: Sequence[Row]) -> Encoded:
+        columns, dense = self._features.categorize_rows(rows)
+        num_fields = len(columns)
+        keys: list[Key] = []
+        index = np.empty((len(rows), num_fields), dtype=np.int64)
+        for j, column in enumerate(columns):
+            # Positions in ``local`` below: the field's OOV row (j) for a missing value.
+            position: dict[str | None, int] = {}
+            for value in dict.fromkeys(column):
+                if value is not None:
+                    position[value] = num_fields + len(keys)
+                    keys.append((j, value))
+            index[:, j] = np.fromiter(
+                map(position.get, column, repeat(j)), dtype=np.int64, count=len(rows)
+            )
+        local = np.empty((num_fields + len(keys), self._width), dtype=np.float32)
+        local[:num_fields] = self._oov
+        found, found_rows, missed = self._cache.lookup(keys)
+        self._lookups["lru"].inc(len(keys))
+        self._hits["lru"].inc(len(found))
+        if found:
+            local[np.add(found, num_fields)] = found_rows
+        if missed:
+            local[np.add(missed, num_fields)] = self._rows_of([keys[i] for i in missed])
+        self._metrics.lru_rows.set(len(self._cache))
+        return torch.from_numpy(local[index]), dense
+
+    def _rows_of(self, keys: list[Key]) -> npt.NDArray[np.float32]:
+        """The rows of LRU misses: from Redis, else the tables, else OOV rows."""
+        layout = self._layout
+        reason = "unavailable"
+        if self._failure is None and layout is not None:
+            try:
+                rows = self._from_redis(layout, keys)
+            except MissingVersion as exc:
+                reason = "missing_version"
+                self._degrade(str(exc))
+            except (TimeoutError, concurrent.futures.TimeoutError):
+                reason = "timeout"
+                self._degrade(f"lookups took over {self._timeout_s * 1000:.0f} ms")
+            except (*REDIS_FAILURES, CorruptRow, RuntimeError) as exc:
+                self._degrade(f"{type(exc).__name__}: {exc}")
+            else:
+                self._cache.insert(keys, rows)
+                return rows
+        self._fallbacks[reason].inc()
+        if self._tables is None:
+            self._metrics.oov.inc(len(keys))
+            return self._oov[[j for j, _ in keys]]
+        rows = self._from_tables(keys)
+        self._cache.insert(keys, rows)  # exact: the same rows Redis would give
+        return rows
+
+    def _from_redis(self, layout: Layout, keys: list[Key]) -> npt.NDArray[np.float32]:
+        groups: dict[str, list[int]] = {}
+        for i, (j, value) in enumerate(keys):
+            groups.setdefault(layout.hash_key(j, value), []).append(i)
+        requests = [(key, [keys[i][1] for i in members]) for key, members in groups.items()]
+        started = time.perf_counter()
+        future = asyncio.run_coroutine_threadsafe(self._hmget(layout, requests), self._loop)
+        try:
+            replies = future.result(self._timeout_s + LOOP_SLACK_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+        self._metrics.redis_latency.observe(time.perf_counter() - started)
+        if not replies[0]:
+            raise MissingVersion(f"Redis holds no complete publish of {self._version}")
+        rows = self._oov[[j for j, _ in keys]]  # absent from Redis: OOV
+        present: list[int] = []
+        packed: list[bytes] = []
+        for members, values in zip(groups.values(), replies[1:], strict=True):
+            for i, value in zip(members, values, strict=True):
+                if value is not None:
+                    present.append(i)
+                    packed.append(value)
+        self._lookups["redis"].inc(len(keys))
+        self._hits["redis"].inc(len(present))
+        self._metrics.oov.inc(len(keys) - len(present))
+        if packed:
+            blob = b"".join(packed)
+            if len(blob) != len(packed) * self._width * ROW_DTYPE.itemsize:
+                raise CorruptRow(f"a row of {self._version} in Redis has the wrong size")
+            rows[present] = np.frombuffer(blob, dtype=ROW_DTYPE).reshape(-1, self._width)
+        return rows
+
+    def _from_tables(self, keys: list[Key]) -> npt.NDArray[np.float32]:
+        assert self._tables is not None
+        indexes = [f.vocab.index for f in self._features.embedded_fields]  # type: ignore[union-attr]
+        ids = np.array([indexes[j].get(value, 0) for j, value in keys], dtype=np.int64)
+        hits = int(np.count_nonzero(ids))
+        self._lookups["tables"].inc(len(keys))
+        self._hits["tables"].inc(hits)
+        self._metrics.oov.inc(len(keys) - hits)
+        return self._tables[ids + np.array([self._offsets[j] for j, _ in keys], dtype=np.int64)]

@@ -1,0 +1,144 @@
+"""Real Redis servers for the tests, on free loopback ports, that a test can stop, kill,
+pause (SIGSTOP) and start again. Never a mock: ``redis-server`` must be installed
+(``.ci/run`` installs it)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_binary(name: str = "redis-server") -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed: apt-get install redis-server")
+    return path
+
+
+class RedisServer:
+    """One redis-server process that keeps nothing on disk (like the machines' own)."""
+
+    def __init__(self, workdir: Path, extra: Sequence[str] = (), port: int | None = None) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = list(extra)
+        self.password: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        args += ["--logfile", str(self.workdir / "redis.log"), *self.extra]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        self.wait_ready()
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self.client() as c:
+                    c.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            except redis.exceptions.AuthenticationError:
+                return  # up, and asking for a password
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies with everything it held."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+class RedisCluster:
+    """Masters on loopback ports, joined by ``redis-cli --cluster create`` (no replicas)."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                workdir / f"node{i}",
+                ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+            )
+            for i in range(masters)
+        ]
+        for node in self.nodes:
+            node.extra += ["--cluster-config-file", str(node.workdir / "nodes.conf")]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        create = [redis_binary("redis-cli"), "--cluster", "create", *addresses]
+        subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while not all(self._state_ok(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def _state_ok(node: RedisServer) -> bool:
+        with node.client() as c:
+            info = c.execute_command("CLUSTER INFO").decode()
+        return "cluster_state:ok" in info
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
