@@ -36,5 +36,5 @@ def connect(settings: Settings, timeout_s: float) -> RedisClient:
         "retry": Retry(NoBackoff(), 0),
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(url, cluster_error_retry_attempts=0, **options)
+        return RedisCluster.from_url(url, **options)
     return Redis.from_url(url, **options)

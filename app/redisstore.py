@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from app.embeddings import EmbeddingStore, Encoded, Row, StoreState
 from app.metrics import Metrics
 from app.publish import ROW_DTYPE, Layout, check_manifest, manifest, publish, read_manifest
 from app.redisclient import RedisClient
-from app.rowcache import Key, RowCache
+from app.rowcache import MISS, Key, RowCache
 from model.checkpoint import TABLES, Checkpoint, load_checkpoint
 from model.deepfm import DeepFM
 
@@ -81,7 +80,7 @@ class RedisStore(EmbeddingStore):
         self._timeout_s = settings.redis_timeout_ms / 1000
         self._oov = checkpoint.oov_rows.numpy().astype(np.float32)
         self._width = self._oov.shape[1]
-        self._cache = RowCache(settings.local_cache_rows, self._width)
+        self._cache = RowCache(settings.local_cache_rows, self._oov)
         self._layout: Layout | None = None  # known once the manifest was read
         # The tables, when held: the model's own tensor (no copy), for exact fallbacks.
         self._tables: npt.NDArray[np.float32] | None = None
@@ -201,30 +200,35 @@ class RedisStore(EmbeddingStore):
 
     def encode(self, rows: Sequence[Row]) -> Encoded:
         columns, dense = self._features.categorize_rows(rows)
-        num_fields = len(columns)
-        keys: list[Key] = []
-        index = np.empty((len(rows), num_fields), dtype=np.int64)
+        cache = self._cache
+        slots = np.empty((len(rows), len(columns)), dtype=np.int64)
         for j, column in enumerate(columns):
-            # Positions in ``local`` below: the field's OOV row (j) for a missing value.
-            position: dict[str | None, int] = {}
-            for value in dict.fromkeys(column):
-                if value is not None:
-                    position[value] = num_fields + len(keys)
-                    keys.append((j, value))
-            index[:, j] = np.fromiter(
-                map(position.get, column, repeat(j)), dtype=np.int64, count=len(rows)
-            )
-        local = np.empty((num_fields + len(keys), self._width), dtype=np.float32)
-        local[:num_fields] = self._oov
-        found, found_rows, missed = self._cache.lookup(keys)
-        self._lookups["lru"].inc(len(keys))
-        self._hits["lru"].inc(len(found))
-        if found:
-            local[np.add(found, num_fields)] = found_rows
-        if missed:
-            local[np.add(missed, num_fields)] = self._rows_of([keys[i] for i in missed])
-        self._metrics.lru_rows.set(len(self._cache))
-        return torch.from_numpy(local[index]), dense
+            slots[:, j] = cache.slots(j, column)
+        missed = slots == MISS
+        misses = int(np.count_nonzero(missed))
+        self._lookups["lru"].inc(slots.size)
+        self._hits["lru"].inc(slots.size - misses)
+        if not misses:
+            return torch.from_numpy(cache.rows(slots)), dense
+        out = np.empty((*slots.shape, self._width), dtype=np.float32)
+        hit = ~missed
+        out[hit] = cache.rows(slots[hit])  # before the misses' rows evict any of them
+        # The unique (field, value) pairs missed, and which of them each miss is.
+        keys: list[Key] = []
+        position: dict[Key, int] = {}
+        which = []
+        for i, j in zip(*np.nonzero(missed), strict=True):  # row-major, as out[missed]
+            value = columns[j][i]
+            assert value is not None  # None has its OOV slot: never a miss
+            key = (int(j), value)
+            found = position.get(key)
+            if found is None:
+                found = position[key] = len(keys)
+                keys.append(key)
+            which.append(found)
+        out[missed] = self._rows_of(keys)[which]
+        self._metrics.lru_rows.set(len(cache))
+        return torch.from_numpy(out), dense
 
     def _rows_of(self, keys: list[Key]) -> npt.NDArray[np.float32]:
         """The rows of LRU misses: from Redis, else the tables, else OOV rows."""

@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -74,8 +74,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Served(NamedTuple):
+    url: str
+    pid: int
+
+
 @contextmanager
-def server(target: str, env: dict[str, str]) -> Iterator[str]:
+def server(target: str, env: dict[str, str], start_timeout: float = 60) -> Iterator[Served]:
     """A uvicorn server process for ``target`` (an app factory), ready, then stopped."""
     port = free_port()
     command = [
@@ -95,7 +100,7 @@ def server(target: str, env: dict[str, str]) -> Iterator[str]:
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
@@ -105,7 +110,7 @@ def server(target: str, env: dict[str, str]) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"server {target} did not start") from None
                 time.sleep(0.1)
-        yield url
+        yield Served(url, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {}
     for case, (target, env) in cases.items():
         results[case] = {}
-        with server(target, {"CTR_LOG_LEVEL": "warning", **env}) as url:
+        with server(target, {"CTR_LOG_LEVEL": "warning", **env}) as (url, _):
             for c in CONCURRENCY:
                 results[case][str(c)] = median_run(
                     url, "/predict", single, c, args.duration, args.repeats

@@ -4,6 +4,8 @@ pause (SIGSTOP) and start again. Never a mock: ``redis-server`` must be installe
 
 from __future__ import annotations
 
+import ctypes
+import random
 import shutil
 import signal
 import socket
@@ -22,11 +24,35 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too, as Redis needs."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20_000, 55_535)
+        if all(_is_free(p) for p in (port, port + 10_000)):
+            return port
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def redis_binary(name: str = "redis-server") -> str:
     path = shutil.which(name)
     if path is None:
         raise RuntimeError(f"{name} is not installed: apt-get install redis-server")
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so no server outlives a crash."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RedisServer:
@@ -49,7 +75,9 @@ class RedisServer:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         args += ["--logfile", str(self.workdir / "redis.log"), *self.extra]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         self.wait_ready()
         return self
 
@@ -64,6 +92,9 @@ class RedisServer:
                     c.ping()
                 return
             except redis.exceptions.ConnectionError:
+                if self.process is not None and self.process.poll() is not None:
+                    log = (self.workdir / "redis.log").read_text().splitlines()[-3:]
+                    raise RuntimeError(f"redis-server exited: {log}") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
@@ -105,6 +136,7 @@ class RedisCluster:
             RedisServer(
                 workdir / f"node{i}",
                 ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                port=free_cluster_port(),
             )
             for i in range(masters)
         ]
@@ -116,6 +148,14 @@ class RedisCluster:
         return self.nodes[0].url
 
     def start(self) -> RedisCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
@@ -131,13 +171,12 @@ class RedisCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the test cluster did not reach cluster_state:ok")
             time.sleep(0.1)
-        return self
 
     @staticmethod
     def _state_ok(node: RedisServer) -> bool:
         with node.client() as c:
-            info = c.execute_command("CLUSTER INFO").decode()
-        return "cluster_state:ok" in info
+            info = c.cluster("info")
+        return bool(info.get("cluster_state") == "ok")
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -7,6 +7,7 @@ import torch
 
 from model.checkpoint import (
     SPEC_FILE,
+    TABLES,
     WEIGHTS_FILE,
     Checkpoint,
     CheckpointError,
@@ -53,6 +54,38 @@ def test_layout_and_version_format(tiny_checkpoint: Checkpoint) -> None:
     # safetensors: an 8-byte header length, then a JSON header; no pickle anywhere.
     head = (path / WEIGHTS_FILE).read_bytes()[:9]
     assert head[8:9] == b"{"
+
+
+def test_loading_without_tables_verifies_the_same_and_keeps_the_dense_part(
+    tiny_checkpoint: Checkpoint,
+) -> None:
+    light = load_checkpoint(tiny_checkpoint.path, tables=False)
+    assert light.version == tiny_checkpoint.version
+    assert TABLES not in light.state and TABLES in tiny_checkpoint.state
+    assert all(f.vocab is None for f in light.features.embedded_fields)
+    assert light.features.vocab_sizes == tiny_checkpoint.features.vocab_sizes
+    offsets = [sum(light.config.vocab_sizes[:j]) for j in range(light.config.num_fields)]
+    assert torch.equal(light.oov_rows, tiny_checkpoint.state[TABLES][offsets])
+    full, dense_only = tiny_checkpoint.build_model(), light.build_model()
+    assert dense_only.sparse_rows is None
+    ids = torch.randint(0, 3, (32, light.config.num_fields))
+    dense = torch.randn(32, light.config.num_dense)
+    with torch.inference_mode():
+        rows = full.gather(ids)
+        assert torch.equal(
+            full(ids, dense), dense_only.forward_rows(rows[..., 0], rows[..., 1:], dense)
+        )
+        with pytest.raises(RuntimeError, match="without its tables"):
+            dense_only.gather(ids)
+
+
+@pytest.mark.parametrize("tables", [True, False])
+def test_tampered_weights_are_refused_with_or_without_tables(copy: Path, tables: bool) -> None:
+    data = bytearray((copy / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0x01
+    (copy / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its version"):
+        load_checkpoint(copy, tables=tables)
 
 
 def test_tampered_weights_are_refused(copy: Path) -> None:

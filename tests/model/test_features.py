@@ -127,6 +127,35 @@ def test_serving_rows_encode_like_training_columns() -> None:
     assert ids_rows[1].tolist() == [0, 0, 0]
 
 
+def test_categories_then_vocabularies_equal_encode_rows() -> None:
+    """The raw-value path (a Redis-backed server) and the id path see the same rows."""
+    s = spec()
+    rows = [{"i1": 2, "i2": 3, "c1": "x", "c2": 80}, {"i1": None, "c1": None}, {}, {"c2": "z"}]
+    columns, dense = s.categorize_rows(rows)
+    assert columns == [["1", None, None, None], ["x", None, None, None], ["80", None, None, "z"]]
+    ids = np.array(
+        [
+            [f.vocab.index.get(v, 0) for v in column]  # type: ignore[union-attr]
+            for f, column in zip(s.embedded_fields, columns, strict=True)
+        ]
+    ).T
+    ids_rows, dense_rows = s.encode_rows(rows)
+    np.testing.assert_array_equal(ids, ids_rows)
+    np.testing.assert_array_equal(dense, dense_rows)
+    assert s.categorize_rows([])[0] == [[], [], []]
+
+
+def test_a_spec_without_vocabularies_keeps_sizes_and_refuses_id_lookups() -> None:
+    s = spec()
+    light = FeatureSpec.from_json(s.to_json(), vocabs={})
+    assert light.vocab_sizes == s.vocab_sizes
+    assert light.categorize_rows([{"c1": "x"}])[0] == s.categorize_rows([{"c1": "x"}])[0]
+    with pytest.raises(RuntimeError, match="not loaded"):
+        light.encode_rows([{"c1": "x"}])
+    with pytest.raises(ValueError, match="not loaded"):
+        light.to_json()
+
+
 def test_spec_json_round_trip() -> None:
     s = spec()
     vocabs = {f.name: f.vocab for f in s.embedded_fields if f.vocab is not None}

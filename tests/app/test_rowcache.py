@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from app.rowcache import MISS, RowCache
+
+OOV = np.array([[-1.0, -1.0], [-2.0, -2.0]], dtype=np.float32)  # two fields, width 2
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array([[v, v + 0.5] for v in values], dtype=np.float32)
+
+
+def lookup(cache: RowCache, field: int, *values: str | None) -> list[int]:
+    return cache.slots(field, list(values)).tolist()
+
+
+def test_hits_misses_and_missing_values() -> None:
+    cache = RowCache(capacity=4, oov_rows=OOV)
+    cache.insert([(0, "a"), (1, "a")], rows(1, 2))
+    slots = cache.slots(0, ["a", "b", None])
+    assert slots[1] == MISS
+    np.testing.assert_array_equal(cache.rows(slots[[0, 2]]), [[1, 1.5], [-1, -1]])
+    np.testing.assert_array_equal(cache.rows(cache.slots(1, ["a", None])), [[2, 2.5], [-2, -2]])
+    assert lookup(cache, 1, "b") == [MISS]
+    assert len(cache) == 2
+
+
+def test_a_row_in_use_outlives_rows_that_are_not() -> None:
+    cache = RowCache(capacity=3, oov_rows=OOV)
+    cache.insert([(0, "hot")], rows(9))
+    for i in range(50):  # a stream of one-off values, the hot one used all along
+        cache.rows(cache.slots(0, ["hot"]))
+        cache.insert([(0, f"cold{i}")], rows(i))
+        assert len(cache) <= 3
+    assert MISS not in lookup(cache, 0, "hot")
+    np.testing.assert_array_equal(cache.rows(cache.slots(0, ["hot"])), rows(9))
+    assert lookup(cache, 0, "cold0", "cold1", "cold48", "cold49")[:2] == [MISS, MISS]
+    assert MISS not in lookup(cache, 0, "cold49")
+
+
+def test_every_cached_value_keeps_its_own_row_whatever_the_evictions() -> None:
+    rng = np.random.default_rng(0)
+    cache = RowCache(capacity=64, oov_rows=OOV)
+    truth = {}
+    for step in range(400):
+        values = [f"v{x}" for x in rng.zipf(1.3, 40) if x < 500]
+        field = int(rng.integers(2))
+        slots = cache.slots(field, values)
+        for value, slot in zip(values, slots.tolist(), strict=True):
+            if slot != MISS:
+                np.testing.assert_array_equal(cache.rows(np.array([slot]))[0], truth[field, value])
+        missed = [v for v, s in zip(values, slots.tolist(), strict=True) if s == MISS]
+        new = list(dict.fromkeys(missed))
+        fresh = rng.normal(size=(len(new), 2)).astype(np.float32)
+        cache.insert([(field, v) for v in new], fresh)
+        truth.update({(field, v): row for v, row in zip(new, fresh, strict=True)})
+        assert len(cache) <= 64, step
+
+
+def test_more_rows_than_capacity_keeps_the_last() -> None:
+    cache = RowCache(capacity=2, oov_rows=OOV)
+    cache.insert([(0, "x")], rows(7))
+    cache.insert([(0, "a"), (0, "b"), (0, "c")], rows(1, 2, 3))
+    assert lookup(cache, 0, "x", "a") == [MISS, MISS]
+    np.testing.assert_array_equal(cache.rows(cache.slots(0, ["b", "c"])), rows(2, 3))
+    np.testing.assert_array_equal(cache.rows(cache.slots(0, [None])), OOV[:1])
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        RowCache(capacity=0, oov_rows=OOV)
