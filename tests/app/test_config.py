@@ -25,6 +25,10 @@ def test_defaults_follow_the_design() -> None:
 def test_store_is_redis_when_a_url_is_set() -> None:
     assert Settings(redis_url="redis://localhost:6379/0").store == "redis"
     assert Settings(redis_url="redis://x", embedding_store="memory").store == "memory"
+    # Only a redis-store replica may go without the tables.
+    assert not Settings(redis_url="redis://x", hold_tables=False).tables_in_process
+    assert Settings(redis_url="redis://x").tables_in_process
+    assert Settings(hold_tables=False).tables_in_process
     with pytest.raises(ValidationError, match="needs CTR_REDIS_URL"):
         Settings(embedding_store="redis")
 
