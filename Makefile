@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve
+.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-redis
 
 serve:
 	scripts/serve
@@ -26,3 +26,6 @@ bench-memory:
 # Needs wrk (apt-get install wrk).
 bench-serve:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.serve
+
+bench-redis:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.redis_tier
