@@ -1,10 +1,14 @@
-"""``python -m app``: serve with uvicorn, settings from the environment (CTR_*)."""
+"""``python -m app``: serve with uvicorn, settings from the environment (CTR_*).
+
+One process by default; ``CTR_WORKERS=n`` runs n under uvicorn's supervisor.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
@@ -34,15 +38,18 @@ class Server(uvicorn.Server):
 def main() -> None:
     settings = Settings()
     configure(settings.log_level)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
-    Server(config).run()
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }
+    if settings.workers > 1:
+        # uvicorn's supervisor: each worker process builds its app from the environment.
+        uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **options)
+        return
+    Server(uvicorn.Config(create_app(settings), **options)).run()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: PositiveInt = 8000
+    workers: PositiveInt = Field(
+        1, description="server processes (python -m app); each loads its own model"
+    )
     shutdown_timeout_s: PositiveInt = Field(
         30, description="on SIGTERM, how long in-flight calls may take before the exit"
     )

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
 from app.errors import ServiceError
+from app.logs import configure
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.routes import build_router, prediction_docs, prediction_routes
 from app.runtime import Runtime
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The checkpoint is read here, so /docs shows the model's real fields
     and a bad CTR_MODEL_DIR fails at once, with the loader's message."""
-    settings = settings or Settings()
+    if settings is None:  # a server's factory (uvicorn --factory, a worker process)
+        settings = Settings()
+        configure(settings.log_level)
     checkpoint = load_checkpoint(settings.model_dir, tables=settings.tables_in_process)
     metrics = Metrics()
 
