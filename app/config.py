@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     batch_max: PositiveInt = Field(256, description="most /predict calls in one forward pass")
     max_instances: PositiveInt = Field(10_000, description="most rows in one /predict_many")
     max_body_bytes: PositiveInt = 8 * MiB
+    max_value_chars: PositiveInt = Field(
+        256, description="longest sparse string value (422 past it)"
+    )
     chunk_rows: PositiveInt = Field(4096, description="rows per forward pass in /predict_many")
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required")
     torch_threads: PositiveInt | None = Field(

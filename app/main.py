@@ -64,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes.extend(served)
     components: dict[str, Any] = {}
     docs = prediction_docs(
-        RequestSchemas.build(checkpoint.features), settings.max_instances, components
+        RequestSchemas.build(checkpoint.features, settings.max_value_chars),
+        settings.max_instances,
+        components,
     )
     _document(app, docs, components)
 

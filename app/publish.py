@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,25 +86,39 @@ async def read_manifest(client: RedisClient, version: str) -> dict[str, Any] | N
     return found
 
 
+class PublishFailed(Exception):
+    """Writing a version's rows failed (its cause says why); nothing was marked complete."""
+
+
 def check_manifest(found: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Raise ValueError when a published manifest does not describe the expected rows."""
+    """Raise ValueError when a published manifest does not describe the expected rows.
+
+    The partition count may differ: readers use the manifest's.
+    """
     for key, value in expected.items():
-        if found.get(key) != value:
+        if key != "partitions" and found.get(key) != value:
             raise ValueError(
                 f"the published manifest of {expected['version']} has {key}={found.get(key)!r}, "
                 f"this checkpoint {value!r}"
             )
 
 
-async def publish(client: RedisClient, checkpoint: Checkpoint, partitions: int) -> bool:
+async def publish(
+    client: RedisClient,
+    checkpoint: Checkpoint,
+    partitions: int,
+    tables: Callable[[], Checkpoint] | None = None,
+) -> bool:
     """Make sure ``checkpoint``'s rows are published; True when this call wrote them.
 
     Waits while another publisher holds the version's lock, and returns as soon as
-    the version is complete, whoever completed it.
+    the version is complete, whoever completed it. ``tables`` gives the checkpoint
+    with its tables when ``checkpoint`` lacks them; it is called (on a thread) only
+    once this call holds the lock. Raises PublishFailed when writing fails.
     """
     layout = Layout(checkpoint.version, partitions)
     expected = manifest(checkpoint, partitions)
-    lock = client.lock(layout.lock_key, timeout=LOCK_TTL_S, blocking=True)
+    lock = client.lock(layout.lock_key, timeout=LOCK_TTL_S, blocking=True, thread_local=False)
     while True:
         if (found := await read_manifest(client, layout.version)) is not None:
             check_manifest(found, expected)
@@ -116,9 +130,14 @@ async def publish(client: RedisClient, checkpoint: Checkpoint, partitions: int) 
             check_manifest(found, expected)
             return False
         started = time.perf_counter()
-        await _write_rows(client, checkpoint, layout, lock)
-        expected["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        await client.set(layout.manifest_key, orjson.dumps(expected))
+        try:
+            full = checkpoint if tables is None else await asyncio.to_thread(tables)
+            await _write_rows(client, full, layout, lock)
+            del full
+            expected["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+            await client.set(layout.manifest_key, orjson.dumps(expected))
+        except Exception as exc:
+            raise PublishFailed(f"{layout.version}: {type(exc).__name__}: {exc}") from exc
         log.info(
             "published %d rows of %s in %.1f s",
             expected["rows"],
@@ -141,7 +160,10 @@ async def _write_rows(
     for j, f in enumerate(checkpoint.features.embedded_fields):
         assert f.vocab is not None
         rows = checkpoint.table_rows(j)[1:].numpy().astype(ROW_DTYPE)
-        for key, mapping in _partitions(layout, j, f.vocab.values, rows).items():
+        # Packing is CPU work: on a thread, so a replica publishing keeps answering.
+        partitioned = await asyncio.to_thread(_partitions, layout, j, f.vocab.values, rows)
+        del rows
+        for key, mapping in partitioned.items():
             values = list(mapping.items())
             for start in range(0, len(values), 1000):
                 pipe.hset(key, mapping=dict(values[start : start + 1000]))

@@ -26,17 +26,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from redis.exceptions import RedisError
 
 from app.config import Settings
 from app.embeddings import EmbeddingStore, Encoded, Row, StoreState
 from app.metrics import Metrics
-from app.publish import ROW_DTYPE, Layout, check_manifest, manifest, publish, read_manifest
+from app.publish import (
+    ROW_DTYPE,
+    Layout,
+    PublishFailed,
+    check_manifest,
+    manifest,
+    publish,
+    read_manifest,
+)
 from app.redisclient import RedisClient
 from app.rowcache import MISS, Key, RowCache
 from model.checkpoint import TABLES, Checkpoint, load_checkpoint
@@ -45,11 +52,13 @@ from model.deepfm import DeepFM
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 0.5
-PROBE_TIMEOUT_S = 2.0
+PROBES_TO_RECOVER = 3  # in a row: a Redis that answers now and then is not back
+PROBE_TIMEOUT_S = 2.0  # the first manifest read, at start-up
+MAX_BACKOFF_S = 30.0  # between attempts to publish, while they fail
 # The worker's own wait, past the lookup's time budget, for a loop too busy to answer.
 LOOP_SLACK_S = 1.0
 
-REDIS_FAILURES = (RedisError, OSError, TimeoutError, concurrent.futures.TimeoutError)
+FailureKind = Literal["unavailable", "timeout", "missing_version"]
 
 
 class MissingVersion(Exception):
@@ -87,17 +96,18 @@ class RedisStore(EmbeddingStore):
         if model.sparse_rows is not None:
             self._tables = model.sparse_rows.weight.detach().numpy()
         self._offsets = model.offsets.tolist()
-        self._publish_source = self._source_of(checkpoint, model)
-        self._failure: str | None = "not connected yet"
+        self._checkpoint = checkpoint
+        self._tables_of = self._source_of(checkpoint, model)
+        # None while Redis serves; else what went wrong first in this episode.
+        self._failure: FailureKind | None = "unavailable"
+        self._started = False  # before start(), "degraded" is no episode of its own
         self._failure_lock = threading.Lock()
         self._wake = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._lookups = {t: metrics.lookups.labels(t) for t in ("lru", "redis", "tables")}
         self._hits = {t: metrics.hits.labels(t) for t in ("lru", "redis", "tables")}
-        self._fallbacks = {
-            r: metrics.fallbacks.labels(r) for r in ("unavailable", "timeout", "missing_version")
-        }
+        self._fallbacks = {r: metrics.fallbacks.labels(r) for r in get_args(FailureKind)}
 
     def _source_of(self, checkpoint: Checkpoint, model: DeepFM) -> Callable[[], Checkpoint]:
         """How to get the tables to publish: the model's, else the checkpoint on disk."""
@@ -123,20 +133,22 @@ class RedisStore(EmbeddingStore):
     async def start(self) -> None:
         """Find (or publish) this version's rows; Redis down leaves the store degraded."""
         try:
-            await self._connect()
+            await self._connect(PROBE_TIMEOUT_S)
         except Exception as exc:
-            self._degrade(f"{type(exc).__name__}: {exc}")
+            self._degrade("unavailable", f"{type(exc).__name__}: {exc}")
         else:
             self._recover()
         self._watcher = asyncio.create_task(self._watch(), name="redis-store-watcher")
 
-    async def _connect(self) -> None:
-        found = await asyncio.wait_for(read_manifest(self._client, self._version), PROBE_TIMEOUT_S)
+    async def _connect(self, timeout_s: float) -> None:
+        """Read this version's manifest within ``timeout_s``, publishing the version first
+        when Redis lacks it."""
+        found = await asyncio.wait_for(read_manifest(self._client, self._version), timeout_s)
         if found is None:
             log.info("%s is not published in Redis: publishing it", self._version)
-            checkpoint = await asyncio.to_thread(self._publish_source)
-            await publish(self._client, checkpoint, self._partitions)
-            del checkpoint
+            # Under the publish lock, so of the replicas that find the version missing,
+            # one loads the tables (when it does not hold them) and the others wait.
+            await publish(self._client, self._checkpoint, self._partitions, self._tables_of)
             found = await read_manifest(self._client, self._version)
             if found is None:
                 raise MissingVersion(f"{self._version} is still not published")
@@ -144,17 +156,27 @@ class RedisStore(EmbeddingStore):
         self._layout = Layout(self._version, int(found["partitions"]))
 
     async def _watch(self) -> None:
+        """While degraded: probe Redis as a batch would, and end the episode after a few
+        probes in a row succeed; back off while publishing fails."""
         while True:
             await self._wake.wait()
             self._wake.clear()
+            delay, successes = PROBE_INTERVAL_S, 0
             while self._failure is not None:
-                await asyncio.sleep(PROBE_INTERVAL_S)
+                await asyncio.sleep(delay)
                 try:
-                    await self._connect()
+                    # The batch budget: a Redis too slow for batches is not back.
+                    await self._connect(self._timeout_s if self._layout else PROBE_TIMEOUT_S)
+                except PublishFailed as exc:
+                    log.warning("publishing %s failed: %s", self._version, exc.__cause__)
+                    delay, successes = min(delay * 2, MAX_BACKOFF_S), 0
                 except Exception as exc:
                     log.debug("redis still unavailable: %s", exc)
+                    successes = 0
                 else:
-                    self._recover()
+                    successes += 1
+                    if successes >= PROBES_TO_RECOVER:
+                        self._recover()
 
     async def aclose(self) -> None:
         if self._watcher is not None:
@@ -176,24 +198,31 @@ class RedisStore(EmbeddingStore):
     def state(self) -> StoreState:
         return "ok" if self._failure is None else "degraded"
 
-    def _degrade(self, reason: str) -> None:
+    def _degrade(self, kind: FailureKind, detail: str) -> None:
+        """Enter (or stay in) a degraded episode: logged once, whatever its batches."""
         with self._failure_lock:
-            first = self._failure is None or self._failure == "not connected yet"
-            self._failure = reason
+            first = self._failure is None or not self._started
+            if first:
+                self._failure = kind
+            self._started = True
         self._metrics.store_degraded.set(1)
         if first:
             answer = "the checkpoint tables" if self._tables is not None else "OOV rows"
             log.warning(
-                "redis tier degraded (%s): answering from %s until it is back", reason, answer
+                "redis tier degraded (%s: %s): answering from %s until it is back",
+                kind,
+                detail,
+                answer,
             )
         self._loop.call_soon_threadsafe(self._wake.set)
 
     def _recover(self) -> None:
         with self._failure_lock:
-            was = self._failure
-            self._failure = None
+            was, self._failure = self._failure, None
+            episode = was is not None and self._started
+            self._started = True
         self._metrics.store_degraded.set(0)
-        if was is not None and was != "not connected yet":
+        if episode:
             log.warning("redis tier back: %s rows come from Redis again", self._version)
 
     # -- the worker thread's side: a batch's rows
@@ -231,24 +260,22 @@ class RedisStore(EmbeddingStore):
         return torch.from_numpy(out), dense
 
     def _rows_of(self, keys: list[Key]) -> npt.NDArray[np.float32]:
-        """The rows of LRU misses: from Redis, else the tables, else OOV rows."""
+        """The rows of cache misses: from Redis, else the tables, else OOV rows."""
         layout = self._layout
-        reason = "unavailable"
         if self._failure is None and layout is not None:
             try:
                 rows = self._from_redis(layout, keys)
             except MissingVersion as exc:
-                reason = "missing_version"
-                self._degrade(str(exc))
-            except (TimeoutError, concurrent.futures.TimeoutError):
-                reason = "timeout"
-                self._degrade(f"lookups took over {self._timeout_s * 1000:.0f} ms")
-            except (*REDIS_FAILURES, CorruptRow, RuntimeError) as exc:
-                self._degrade(f"{type(exc).__name__}: {exc}")
+                self._degrade("missing_version", str(exc))
+            except TimeoutError:  # (concurrent.futures' and asyncio's too)
+                self._degrade("timeout", f"lookups took over {self._timeout_s * 1000:.0f} ms")
+            except Exception as exc:  # whatever it is, the lower tiers can answer
+                log.debug("redis lookup failed", exc_info=True)
+                self._degrade("unavailable", f"{type(exc).__name__}: {exc}")
             else:
                 self._cache.insert(keys, rows)
                 return rows
-        self._fallbacks[reason].inc()
+        self._fallbacks[self._failure or "unavailable"].inc()
         if self._tables is None:
             self._metrics.oov.inc(len(keys))
             return self._oov[[j for j, _ in keys]]

@@ -70,7 +70,7 @@ class Runtime:
         checkpoint = dataclasses.replace(checkpoint, state={})  # the model holds the tensors
         store = open_store(settings, checkpoint, model, metrics)
         await store.start()
-        serving = ServingModel(checkpoint, model, store, metrics, settings.chunk_rows)
+        serving = ServingModel(checkpoint, model, store, metrics, settings)
         await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
         metrics.model_info.labels(serving.version).set(1)
         # Everything loaded so far lives as long as the process: keep the collector from

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from app.config import Settings
 from app.embeddings import EmbeddingStore, Row
 from app.metrics import Metrics
 from app.schemas import RequestSchemas
@@ -32,16 +33,16 @@ class ServingModel:
         model: DeepFM,
         store: EmbeddingStore,
         metrics: Metrics,
-        chunk_rows: int,
+        settings: Settings,
     ) -> None:
         self.checkpoint = checkpoint
         self.version = checkpoint.version
         self.features = checkpoint.features
-        self.schemas = RequestSchemas.build(checkpoint.features)
+        self.schemas = RequestSchemas.build(checkpoint.features, settings.max_value_chars)
         self.store = store
         self._model = model
         self._metrics = metrics
-        self._chunk_rows = chunk_rows
+        self._chunk_rows = settings.chunk_rows
 
     def predict(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
         """Click probabilities of ``rows``, in order. CPU-bound: call it off the event loop."""

@@ -18,7 +18,8 @@ from model.checkpoint import load_checkpoint
 
 def create_app() -> FastAPI:
     settings = Settings()
-    schemas = RequestSchemas.build(load_checkpoint(settings.model_dir).features)
+    features = load_checkpoint(settings.model_dir).features
+    schemas = RequestSchemas.build(features, settings.max_value_chars)
     version = "noop"
     app = FastAPI(title="ctr-serve no-op floor")
 

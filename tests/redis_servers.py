@@ -4,6 +4,7 @@ pause (SIGSTOP) and start again. Never a mock: ``redis-server`` must be installe
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import random
 import shutil
@@ -181,3 +182,53 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class SlowProxy:
+    """A TCP proxy in front of a server that holds each reply back ``delay`` seconds: a
+    Redis that answers, but slowly. Runs on the test's event loop."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> SlowProxy:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(
+            self._pipe(reader, up_writer, slow=False),
+            self._pipe(up_reader, writer, slow=True),
+            return_exceptions=True,
+        )
+
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, slow: bool
+    ) -> None:
+        try:
+            while data := await source.read(1 << 16):
+                if slow and self.delay:
+                    await asyncio.sleep(self.delay)
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -15,9 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
+from app import publish as publish_module
 from app.config import Settings
 from app.metrics import Metrics
-from app.publish import Layout, publish, read_manifest
+from app.publish import Layout, PublishFailed, publish, read_manifest
 from app.redisclient import connect
 from app.runtime import Runtime
 from model import default_model
@@ -26,7 +27,7 @@ from model.data import criteo_json_rows
 from model.predict import Predictor
 from model.synthetic import SyntheticConfig, generate
 from tests.app.conftest import ClientFactory
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, SlowProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -186,16 +187,18 @@ async def test_two_publishers_write_once(
 
 
 async def test_a_stale_lock_does_not_block_forever(
-    redis_server: RedisServer, default_checkpoint: Checkpoint
+    redis_server: RedisServer, default_checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(publish_module, "LOCK_TTL_S", 1.0)
     layout = Layout(default_checkpoint.version, 16)
     client = connect(Settings(redis_url=redis_server.url), timeout_s=5)
     try:
-        # A publisher that took the lock and died: its lock expires.
-        await client.set(layout.lock_key, b"dead-publisher", px=1500)
+        # A publisher that took the lock as publish() does, and died: its lock expires.
+        dead = client.lock(layout.lock_key, timeout=publish_module.LOCK_TTL_S)
+        assert await dead.acquire(blocking=False)
         started = time.monotonic()
         assert await publish(client, default_checkpoint, 16) is True
-        assert time.monotonic() - started >= 1.0
+        assert time.monotonic() - started >= 0.8
     finally:
         await client.aclose()
 
@@ -409,6 +412,100 @@ async def test_a_version_deleted_from_redis_is_not_read_and_is_republished(
             await predict_all(client, rows), offline.predict_rows(rows), rtol=0, atol=1e-6
         )
         assert not np.allclose(got, offline.predict_rows(rows))
+
+
+async def test_a_slow_redis_is_one_degraded_episode_not_a_flapping_one(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    offline: Predictor,
+    known_rows: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis answers, but in 150 ms, past the 50 ms budget: batches fall back to the
+    tables; the store stays degraded (probes use the batch budget) until Redis is fast
+    again, and each transition is logged once."""
+    proxy = await SlowProxy(redis_server.port, delay=0.15).start()
+    caplog.set_level(logging.INFO, logger="app.redisstore")
+    try:
+        async with make_client(redis_url=proxy.url, redis_timeout_ms=50) as client:
+            assert (await store_of(client))["state"] == "ok"  # start-up allows 2 s
+            deadline = time.monotonic() + 3
+            i = 0
+            while time.monotonic() < deadline:
+                row = known_rows[i % len(known_rows)]
+                response = await client.post("/predict", json={"features": row})
+                assert response.json()["probability"] == pytest.approx(
+                    offline.predict_rows([row])[0], abs=1e-6
+                )
+                i += 1
+                await asyncio.sleep(0.01)
+            assert (await store_of(client))["state"] == "degraded"
+            proxy.delay = 0
+            await wait_for_state(client, "ok")
+    finally:
+        await proxy.aclose()
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "app.redisstore" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("redis tier degraded (timeout")
+    assert warnings[1].startswith("redis tier back")
+
+
+async def test_replicas_read_the_partitions_the_publisher_chose(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    default_checkpoint: Checkpoint,
+    offline: Predictor,
+    rows: list[dict[str, Any]],
+) -> None:
+    client = connect(Settings(redis_url=redis_server.url), timeout_s=5)
+    try:
+        assert await publish(client, default_checkpoint, partitions=16) is True
+    finally:
+        await client.aclose()
+    async with make_client(
+        redis_url=redis_server.url, hold_tables=False, redis_partitions=64
+    ) as replica:
+        assert (await store_of(replica))["state"] == "ok"
+        got = await predict_all(replica, rows)
+    np.testing.assert_allclose(got, offline.predict_rows(rows), rtol=0, atol=1e-6)
+
+
+async def test_a_publish_that_fails_midway_leaves_no_manifest_and_is_retried(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    default_checkpoint: Checkpoint,
+    offline: Predictor,
+    rows: list[dict[str, Any]],
+) -> None:
+    """Redis runs out of memory (noeviction) halfway through the rows: the manifest,
+    written last, is never written, so no replica reads the partial rows; once Redis has
+    room, a replica's watcher publishes the version and the store turns ok."""
+    with redis_server.client() as r:
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", used + 200_000)  # room for part of the rows
+    client = connect(Settings(redis_url=redis_server.url), timeout_s=5)
+    try:
+        with pytest.raises(PublishFailed, match=r"OutOfMemory|OOM"):
+            await publish(client, default_checkpoint, partitions=16)
+        assert await read_manifest(client, default_checkpoint.version) is None
+        assert await client.keys("ctr:rows:*")  # some rows were written
+    finally:
+        await client.aclose()
+    async with make_client(redis_url=redis_server.url, hold_tables=False) as replica:
+        assert (await store_of(replica))["state"] == "degraded"
+        dense_only = [{k: v for k, v in row.items() if k.startswith("I")} for row in rows]
+        got = await predict_all(replica, rows)  # OOV rows, not the partial rows
+        np.testing.assert_allclose(got, offline.predict_rows(dense_only), rtol=0, atol=1e-6)
+        with redis_server.client() as r:
+            r.config_set("maxmemory", 0)
+        await wait_for_state(replica, "ok", timeout=30)
+        got = await predict_all(replica, rows)
+    np.testing.assert_allclose(got, offline.predict_rows(rows), rtol=0, atol=1e-6)
 
 
 # -- URLs: password, TLS

@@ -120,6 +120,7 @@ async def test_missing_null_and_unseen_values(client: httpx.AsyncClient) -> None
         ({"C99": "x"}, "C99", "extra_forbidden"),
         ({"str": 1}, "str", "extra_forbidden"),  # once mistaken for a union member's tag
         ({"int": "x"}, "int", "extra_forbidden"),
+        ({"constrained-str": 1}, "constrained-str", "extra_forbidden"),
         ({"I1": "3"}, "I1", "dense_type"),
         ({"I1": True}, "I1", "dense_type"),
         ({"I1": [1]}, "I1", "dense_type"),
@@ -127,6 +128,9 @@ async def test_missing_null_and_unseen_values(client: httpx.AsyncClient) -> None
         ({"C1": True}, "C1", "sparse_type"),
         ({"C1": ["a"]}, "C1", "sparse_type"),
         ({"C1": {"a": 1}}, "C1", "sparse_type"),
+        ({"C1": "x" * 257}, "C1", "string_too_long"),  # CTR_MAX_VALUE_CHARS (256)
+        ({"C1": 2**63}, "C1", "sparse_type"),  # sparse integers are int64
+        ({"C1": -(2**63) - 1}, "C1", "sparse_type"),
     ],
 )
 async def test_bad_values_are_422_naming_the_field(
@@ -139,6 +143,14 @@ async def test_bad_values_are_422_naming_the_field(
     many = await client.post("/predict_many", json={"instances": [{}, {}, features]})
     assert many.status_code == 422
     assert many.json()["detail"][0]["loc"] == ["body", "instances", 2, field]
+
+
+async def test_the_longest_string_and_the_widest_integers_are_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    for value in ("x" * 256, 2**63 - 1, -(2**63)):
+        response = await predict(client, {"C1": value})
+        assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
