@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_value_chars: PositiveInt = Field(
         256, description="longest sparse string value (422 past it)"
     )
+    max_queued: PositiveInt = Field(
+        2048, description="calls waiting for the forward pass; past it, 503 with Retry-After"
+    )
     chunk_rows: PositiveInt = Field(4096, description="rows per forward pass in /predict_many")
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required")
     torch_threads: PositiveInt | None = Field(

@@ -51,3 +51,16 @@ class ClientGone(ServiceError):
     """The client disconnected before its request was read (499, which nobody receives)."""
 
     status_code = 499
+
+
+class InvalidCheckpoint(ServiceError):
+    """A reload named a checkpoint that does not load or verify (422); the old model stays."""
+
+    status_code = 422
+
+
+class Overloaded(ServiceError):
+    """Too many calls are queued already (503): retry after a moment."""
+
+    status_code = 503
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}

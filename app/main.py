@@ -5,9 +5,11 @@ uvicorn app.main:create_app --factory     (settings from CTR_* environment varia
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -47,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = await Runtime.start(settings, metrics, loaded)
         del loaded
         try:
-            yield {"runtime": runtime}
+            with reload_on_sighup(runtime):
+                yield {"runtime": runtime}
         finally:
             await runtime.close()
             log.info("stopped")
@@ -111,3 +114,33 @@ def _document(app: FastAPI, docs: APIRouter, components: dict[str, Any]) -> None
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+@contextmanager
+def reload_on_sighup(runtime: Runtime) -> Iterator[None]:
+    """SIGHUP reloads CTR_MODEL_DIR (as POST /admin/reload does) while the app runs.
+
+    Where signals cannot be handled (not the main thread, not Unix) it does nothing.
+    """
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        # A refused or failed reload is logged by the runtime; the old model serves on.
+        with suppress(Exception):
+            await runtime.reload()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    except (NotImplementedError, RuntimeError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)

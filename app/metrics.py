@@ -72,6 +72,12 @@ class Metrics:
             "1 while the embedding store answers from a lower tier (Redis unavailable)",
             registry=r,
         )
+        self.reloads = Counter(
+            "ctr_model_reloads", "model reloads, by outcome (ok, failed)", ["outcome"], registry=r
+        )
+        self.overloaded = Counter(
+            "ctr_overloaded", "calls refused with 503 because the queue was full", registry=r
+        )
         self.errors = Counter("ctr_errors", "errors answered, by kind", ["kind"], registry=r)
         self.model_info = Gauge(
             "ctr_model_info", "the loaded model (value 1)", ["version"], registry=r

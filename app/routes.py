@@ -6,7 +6,7 @@ import hmac
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
@@ -21,7 +21,14 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.runtime import Runtime
-from app.schemas import PredictManyResponse, PredictResponse, RequestSchemas, error_details
+from app.schemas import (
+    PredictManyResponse,
+    PredictResponse,
+    ReloadRequest,
+    ReloadResponse,
+    RequestSchemas,
+    error_details,
+)
 
 JSON = "application/json"
 
@@ -181,6 +188,20 @@ def build_router() -> APIRouter:
     @router.get("/model", dependencies=keyed, summary="The loaded model's metadata")
     async def model_info(runtime: RuntimeDep) -> Response:
         return json_response(runtime.model.describe())
+
+    @router.post(
+        "/admin/reload",
+        dependencies=keyed,
+        response_model=ReloadResponse,
+        summary="Load, verify and swap in a checkpoint without failing a request",
+        responses={422: {"description": "the checkpoint does not load or verify"}},
+    )
+    async def reload(
+        runtime: RuntimeDep, body: Annotated[ReloadRequest | None, Body()] = None
+    ) -> Response:
+        directory = body.model_dir if body is not None else None
+        version, previous = await runtime.reload(directory)
+        return json_response({"model_version": version, "previous_version": previous})
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics(runtime: RuntimeDep) -> Response:

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,12 +16,12 @@ import torch
 from app.batching import BatcherClosed, MicroBatcher
 from app.config import Settings
 from app.embeddings import EmbeddingStore, MemoryStore, Row
-from app.errors import NotReady
+from app.errors import InvalidCheckpoint, NotReady, Overloaded
 from app.metrics import Metrics
 from app.redisclient import connect
 from app.redisstore import RedisStore
 from app.serving import ServingModel
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.deepfm import DeepFM
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,36 @@ def open_store(
     return RedisStore(checkpoint, model, client, settings, metrics)
 
 
+async def load_serving_model(
+    settings: Settings, metrics: Metrics, checkpoint: Checkpoint
+) -> ServingModel:
+    """A checkpoint's model with its embedding store started (its rows published in redis
+    mode) and one forward pass done, ready to take traffic."""
+    model = checkpoint.build_model()
+    checkpoint = dataclasses.replace(checkpoint, state={})  # the model holds the tensors
+    store = open_store(settings, checkpoint, model, metrics)
+    await store.start()
+    serving = ServingModel(checkpoint, model, store, metrics, settings)
+    await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
+    return serving
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what is left: it lives as long as the model.
+
+    Keeps the collector from scanning the heap torch and the model leave again and again
+    under load (a full collection of it was a stall of a few hundred ms in the p99).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Runtime:
-    """The loaded model behind the micro-batcher; created and closed by the app's lifespan."""
+    """The loaded model behind the micro-batcher; created and closed by the app's lifespan.
+
+    ``model`` is replaced whole by ``reload``. A batch reads it once, so every row of a
+    batch is scored by one model and answered with that model's version.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics, model: ServingModel) -> None:
         self.settings = settings
@@ -53,6 +82,7 @@ class Runtime:
             self._process, settings.batch_max, name="forward"
         )
         self._closing = False
+        self._reload_lock = asyncio.Lock()
 
     @classmethod
     async def start(
@@ -66,27 +96,56 @@ class Runtime:
             checkpoint = await asyncio.to_thread(
                 load_checkpoint, settings.model_dir, tables=settings.tables_in_process
             )
-        model = checkpoint.build_model()
-        checkpoint = dataclasses.replace(checkpoint, state={})  # the model holds the tensors
-        store = open_store(settings, checkpoint, model, metrics)
-        await store.start()
-        serving = ServingModel(checkpoint, model, store, metrics, settings)
-        await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
-        metrics.model_info.labels(serving.version).set(1)
-        # Everything loaded so far lives as long as the process: keep the collector from
-        # scanning it again and again under load (a full collection of the heap torch and
-        # the model leave was a stall of a few hundred ms in the p99).
-        gc.collect()
-        gc.freeze()
+        serving = await load_serving_model(settings, metrics, checkpoint)
+        settle_heap()
         log.info(
             "serving %s from %s with the %s embedding store (%s) on %d torch threads",
             serving.version,
-            checkpoint.path,
-            store.backend,
-            store.state,
+            serving.checkpoint.path,
+            serving.store.backend,
+            serving.store.state,
             threads,
         )
         return cls(settings, metrics, serving)
+
+    async def reload(self, directory: Path | None = None) -> tuple[str, str]:
+        """Load, verify, publish (redis store) and warm the checkpoint in ``directory``
+        (default: CTR_MODEL_DIR), then swap it in; return (new version, old version).
+
+        Calls in flight finish on the model they started with. A checkpoint that does not
+        load raises InvalidCheckpoint and the current model keeps serving.
+        """
+        directory = directory or self.settings.model_dir
+        async with self._reload_lock:
+            old = self.model
+            previous = old.version
+            try:
+                checkpoint = await asyncio.to_thread(
+                    load_checkpoint, directory, tables=self.settings.tables_in_process
+                )
+                new = await load_serving_model(self.settings, self.metrics, checkpoint)
+            except CheckpointError as exc:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload refused, still serving %s: %s", old.version, exc)
+                raise InvalidCheckpoint(str(exc)) from None
+            except Exception:
+                self.metrics.reloads.labels("failed").inc()
+                log.exception("reload of %s failed, still serving %s", directory, old.version)
+                raise
+            self.model = new  # the swap: the next batch reads the new model
+            # A batch that started before the swap may still use the old model: once a
+            # batch submitted now is done, none does.
+            await self._batcher.submit([])
+            await old.store.aclose()
+            if old.version != new.version:
+                self.metrics.model_info.labels(old.version).set(0)
+            self.metrics.model_info.labels(new.version).set(1)
+            self.metrics.reloads.labels("ok").inc()
+            del old
+            gc.unfreeze()  # the old model's objects were frozen with the rest
+            settle_heap()
+            log.info("reloaded: serving %s from %s", new.version, directory)
+            return new.version, previous
 
     @property
     def ready(self) -> bool:
@@ -100,6 +159,9 @@ class Runtime:
         return await self._submit(instances)
 
     async def _submit(self, rows: Sequence[Row]) -> Result:
+        if self._batcher.queued >= self.settings.max_queued:
+            self.metrics.overloaded.inc()
+            raise Overloaded(f"{self.settings.max_queued} calls are already queued; retry shortly")
         try:
             return await self._batcher.submit(rows)
         except BatcherClosed:
@@ -111,7 +173,7 @@ class Runtime:
         rows = [row for call in calls for row in call]
         self.metrics.batch_calls.observe(len(calls))
         self.metrics.batch_rows.observe(len(rows))
-        probabilities = model.predict(rows)
+        probabilities = model.predict(rows) if rows else np.empty(0)
         results: list[Result] = []
         start = 0
         for call in calls:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
@@ -58,6 +59,21 @@ class PredictResponse(BaseModel):
 class PredictManyResponse(BaseModel):
     probabilities: list[float] = Field(description="the i-th belongs to the i-th instance")
     model_version: str
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_dir: Path | None = Field(
+        None, description="checkpoint directory to load (default: CTR_MODEL_DIR)"
+    )
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str = Field(description="the version now serving")
+    previous_version: str
 
 
 def features_type(spec: FeatureSpec, max_value_chars: int) -> Any:

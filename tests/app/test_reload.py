@@ -1,0 +1,244 @@
+"""Model lifecycle: hot reload (POST /admin/reload, SIGHUP) under load, refused
+checkpoints, the queue limit, and SIGTERM while requests flow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from model.checkpoint import Checkpoint
+from model.default_model import DEFAULT_MODEL_DIR
+from model.predict import Predictor
+from tests.app.conftest import ClientFactory
+from tests.app.test_routes import random_rows
+from tests.app.test_server import start
+from tests.redis_servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def reload(client: httpx.AsyncClient, model_dir: Path | None = None) -> httpx.Response:
+    body = {"model_dir": str(model_dir)} if model_dir else None
+    return await client.post("/admin/reload", json=body)
+
+
+async def test_a_reload_under_load_fails_no_request_and_never_mixes_models(
+    make_client: ClientFactory, offline: Predictor, tiny_checkpoint: Checkpoint
+) -> None:
+    """32 clients send /predict all along; the model is swapped twice. Every answer is a
+    200, and its probability is what the model its version names computes."""
+    tiny = Predictor(tiny_checkpoint)
+    rows = random_rows(offline, 200, seed=11, values=30)
+    expected = {
+        offline.checkpoint.version: offline.predict_rows(rows),
+        tiny_checkpoint.version: tiny.predict_rows(rows),
+    }
+    assert not np.allclose(*expected.values())  # the two models tell apart
+    answers: list[tuple[int, float, str]] = []
+    failures: list[str] = []
+    done = asyncio.Event()
+    async with make_client() as client:
+
+        async def sender(worker: int) -> None:
+            i = worker
+            while not done.is_set():
+                response = await client.post("/predict", json={"features": rows[i % len(rows)]})
+                if response.status_code != 200:
+                    failures.append(response.text)
+                else:
+                    body = response.json()
+                    answers.append((i % len(rows), body["probability"], body["model_version"]))
+                i += 32
+
+        senders = [asyncio.create_task(sender(w)) for w in range(32)]
+        await asyncio.sleep(0.3)
+        first = await reload(client, tiny_checkpoint.path)
+        await asyncio.sleep(0.3)
+        second = await reload(client)  # back to CTR_MODEL_DIR
+        await asyncio.sleep(0.3)
+        done.set()
+        await asyncio.gather(*senders)
+        model = (await client.get("/model")).json()
+        metrics = (await client.get("/metrics")).text
+    assert first.json() == {
+        "model_version": tiny_checkpoint.version,
+        "previous_version": offline.checkpoint.version,
+    }
+    assert second.json()["model_version"] == offline.checkpoint.version
+    assert model["model_version"] == offline.checkpoint.version
+    assert 'ctr_model_reloads_total{outcome="ok"} 2.0' in metrics
+    assert not failures
+    versions = {version for _, _, version in answers}
+    assert versions == set(expected)  # both models answered
+    for i, probability, version in answers:
+        assert probability == pytest.approx(expected[version][i], abs=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "not a checkpoint"])
+async def test_a_bad_checkpoint_is_refused_and_the_old_model_serves_on(
+    make_client: ClientFactory, offline: Predictor, tmp_path: Path, damage: str
+) -> None:
+    target = tmp_path / "ckpt"
+    if damage == "corrupt":
+        shutil.copytree(DEFAULT_MODEL_DIR, target)
+        weights = target / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "not a checkpoint":
+        target.mkdir()
+        (target / "notes.txt").write_text("hello")
+    async with make_client() as client:
+        response = await reload(client, target)
+        assert response.status_code == 422
+        assert str(target) in response.json()["detail"]
+        assert (await client.get("/model")).json()["model_version"] == offline.checkpoint.version
+        row = {"I1": 3, "C1": "05db9164"}
+        served = (await client.post("/predict", json={"features": row})).json()
+        assert served["probability"] == pytest.approx(offline.predict_rows([row])[0], abs=1e-6)
+        metrics = (await client.get("/metrics")).text
+        assert 'ctr_model_reloads_total{outcome="failed"} 1.0' in metrics
+
+
+async def test_reload_needs_the_api_key_and_a_well_formed_body(make_client: ClientFactory) -> None:
+    async with make_client(api_key="k") as client:
+        assert (await client.post("/admin/reload")).status_code == 401
+        response = await client.post("/admin/reload", headers={"X-API-Key": "k"})
+        assert response.status_code == 200
+        bad = await client.post("/admin/reload", json={"dir": "x"}, headers={"X-API-Key": "k"})
+        assert bad.status_code == 422
+
+
+async def test_a_reload_in_redis_mode_publishes_the_new_version(
+    make_client: ClientFactory, redis_server: RedisServer, tiny_checkpoint: Checkpoint
+) -> None:
+    tiny = Predictor(tiny_checkpoint)
+    rows = random_rows(tiny, 50, seed=3, values=20)
+    async with make_client(redis_url=redis_server.url, hold_tables=False) as client:
+        assert (await reload(client, tiny_checkpoint.path)).status_code == 200
+        ready = (await client.get("/readyz")).json()
+        assert ready["model_version"] == tiny_checkpoint.version
+        assert ready["embedding_store"] == {"backend": "redis", "state": "ok"}
+        response = await client.post("/predict_many", json={"instances": rows})
+    np.testing.assert_allclose(
+        response.json()["probabilities"], tiny.predict_rows(rows), rtol=0, atol=1e-6
+    )
+    with redis_server.client() as r:
+        assert r.exists(f"ctr:manifest:{tiny_checkpoint.version}")
+
+
+async def test_a_full_queue_answers_503_with_retry_after(
+    make_client: ClientFactory, offline: Predictor
+) -> None:
+    rows = random_rows(offline, 300, seed=4, values=30)
+    expected = offline.predict_rows(rows)
+    async with make_client(max_queued=2) as client:
+        responses = await asyncio.gather(
+            *(client.post("/predict", json={"features": row}) for row in rows)
+        )
+        metrics = (await client.get("/metrics")).text
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused, "300 concurrent calls never filled a queue of 2"
+    assert all(r.headers["retry-after"] == "1" for r in refused)
+    for i, response in enumerate(responses):
+        if response.status_code == 200:
+            assert response.json()["probability"] == pytest.approx(expected[i], abs=1e-6)
+        else:
+            assert response.status_code == 503
+    assert f"ctr_overloaded_total {float(len(refused))}" in metrics
+
+
+def test_sighup_reloads_and_a_bad_checkpoint_keeps_the_old_model(
+    tmp_path: Path, tiny_checkpoint: Checkpoint
+) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(DEFAULT_MODEL_DIR, served)
+    process, url = start(CTR_MODEL_DIR=str(served))
+    try:
+        first = httpx.get(url + "/model").json()["model_version"]
+        replace_dir(tiny_checkpoint.path, served)
+        process.send_signal(signal.SIGHUP)
+        wait_for_version(url, tiny_checkpoint.version)
+        (served / "weights.safetensors").write_bytes(b"garbage")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert httpx.get(url + "/model").json()["model_version"] == tiny_checkpoint.version
+        assert httpx.post(url + "/predict", json={"features": {}}).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert first != tiny_checkpoint.version
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    refused = [e for e in events if e["message"].startswith("reload refused")]
+    assert len(refused) == 1 and refused[0]["level"] == "error"
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    staged = target.with_name(target.name + ".new")
+    shutil.copytree(source, staged)
+    shutil.rmtree(target)
+    staged.rename(target)
+
+
+def wait_for_version(url: str, version: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/model").json()["model_version"] != version:
+        assert time.monotonic() < deadline, f"{version} never came"
+        time.sleep(0.1)
+
+
+def test_sigterm_under_load_cuts_off_no_accepted_request() -> None:
+    """Clients keep sending while the server gets SIGTERM: every response it sends is a
+    complete 200; afterwards connections are refused; the exit status is 0."""
+    process, url = start()
+    statuses: list[int] = []
+    cut_off: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=30) as session:
+            while not stop.is_set():
+                try:
+                    response = session.post("/predict", json={"features": {"C1": "x"}})
+                except httpx.ConnectError:
+                    return  # the listener is closed: not accepted
+                except httpx.TransportError as exc:
+                    # A request written to a kept-alive connection the server closed, or
+                    # a response cut off. The first is not an accepted request; tell
+                    # them apart by whether any byte of a response came.
+                    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+                        if "incomplete" in str(exc).lower():
+                            cut_off.append(repr(exc))
+                        continue
+                    cut_off.append(repr(exc))
+                    return
+                statuses.append(response.status_code)
+                assert 0.0 < response.json()["probability"] < 1.0
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    served_before = len(statuses)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr[-2000:]
+    assert served_before > 50
+    assert set(statuses) == {200}
+    assert not cut_off, cut_off
