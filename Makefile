@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-redis
+.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-redis bench-soak
 
 serve:
 	scripts/serve
@@ -29,3 +29,6 @@ bench-serve:
 
 bench-redis:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.redis_tier
+
+bench-soak:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.soak

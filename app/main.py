@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
 from app.errors import ServiceError
+from app.kserve import build_v2_router
 from app.logs import configure
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.routes import build_router, prediction_docs, prediction_routes
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     router = build_router()
     app.include_router(router)
+    v2 = build_v2_router()
+    app.include_router(v2)
     served = prediction_routes()
     app.router.routes.extend(served)
     components: dict[str, Any] = {}
@@ -90,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal error"}, 500)
 
-    endpoints = frozenset(route.path for route in [*router.routes, *served])  # type: ignore[attr-defined]
+    routes = [*router.routes, *v2.routes, *served]
+    endpoints = frozenset(route.path for route in routes)  # type: ignore[attr-defined]
     # The last added is the outermost: metrics see the 413s of the body limit too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=endpoints)

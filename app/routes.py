@@ -91,7 +91,12 @@ async def predict(request: Request) -> Response:
     runtime = runtime_of(request)
     authorize(request, runtime)
     body = await validated(request, runtime.model.schemas.predict)
-    probability, version = await runtime.predict_one(body["features"])
+    explain = body.get("explain", False)
+    probability, version, explanation = await runtime.predict_one(body["features"], explain)
+    if explain:
+        return json_response(
+            {"probability": probability, "model_version": version, "explanation": explanation}
+        )
     return json_response({"probability": probability, "model_version": version})
 
 
@@ -103,7 +108,16 @@ async def predict_many(request: Request) -> Response:
     limit = runtime.settings.max_instances
     if len(instances) > limit:
         raise PayloadTooLarge(f"{len(instances)} instances; at most {limit}")
-    probabilities, version = await runtime.predict_many(instances)
+    explain = body.get("explain", False)
+    probabilities, version, explanations = await runtime.predict_many(instances, explain)
+    if explain:
+        return json_response(
+            {
+                "probabilities": probabilities,
+                "model_version": version,
+                "explanations": explanations,
+            }
+        )
     return json_response({"probabilities": probabilities, "model_version": version})
 
 

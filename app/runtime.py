@@ -20,7 +20,7 @@ from app.errors import InvalidCheckpoint, NotReady, Overloaded
 from app.metrics import Metrics
 from app.redisclient import connect
 from app.redisstore import RedisStore
-from app.serving import ServingModel
+from app.serving import Explained, ServingModel
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.deepfm import DeepFM
 
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 REDIS_SOCKET_TIMEOUT_S = 10.0
 
-Result = tuple[np.ndarray, str]  # probabilities of one call's rows, and the model's version
+Call = tuple[Sequence[Row], bool]  # a call's rows, and whether it wants explanations
+# A call's probabilities, the version of the model that computed them, and explanations.
+Result = tuple[np.ndarray, str, list[Explained] | None]
 
 
 def open_store(
@@ -78,7 +80,7 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         self.model = model
-        self._batcher: MicroBatcher[Sequence[Row], Result] = MicroBatcher(
+        self._batcher: MicroBatcher[Call, Result] = MicroBatcher(
             self._process, settings.batch_max, name="forward"
         )
         self._closing = False
@@ -135,7 +137,7 @@ class Runtime:
             self.model = new  # the swap: the next batch reads the new model
             # A batch that started before the swap may still use the old model: once a
             # batch submitted now is done, none does.
-            await self._batcher.submit([])
+            await self._batcher.submit(([], False))
             await old.store.aclose()
             if old.version != new.version:
                 self.metrics.model_info.labels(old.version).set(0)
@@ -151,34 +153,41 @@ class Runtime:
     def ready(self) -> bool:
         return not self._closing
 
-    async def predict_one(self, features: Row) -> tuple[float, str]:
-        probabilities, version = await self._submit([features])
-        return float(probabilities[0]), version
+    async def predict_one(
+        self, features: Row, explain: bool = False
+    ) -> tuple[float, str, Explained | None]:
+        probabilities, version, explained = await self._submit(([features], explain))
+        return float(probabilities[0]), version, explained[0] if explained else None
 
-    async def predict_many(self, instances: Sequence[Row]) -> tuple[np.ndarray, str]:
-        return await self._submit(instances)
+    async def predict_many(self, instances: Sequence[Row], explain: bool = False) -> Result:
+        return await self._submit((instances, explain))
 
-    async def _submit(self, rows: Sequence[Row]) -> Result:
+    async def _submit(self, call: Call) -> Result:
         if self._batcher.queued >= self.settings.max_queued:
             self.metrics.overloaded.inc()
             raise Overloaded(f"{self.settings.max_queued} calls are already queued; retry shortly")
         try:
-            return await self._batcher.submit(rows)
+            return await self._batcher.submit(call)
         except BatcherClosed:
             raise NotReady("the service is shutting down") from None
 
-    def _process(self, calls: Sequence[Sequence[Row]]) -> list[Result]:
-        """One batch, on the batcher's worker thread."""
+    def _process(self, calls: Sequence[Call]) -> list[Result]:
+        """One batch, on the batcher's worker thread: every call's rows in one forward
+        pass, but for calls that asked for explanations (a pass of their own each)."""
         model = self.model  # one model for the whole batch: its version names every answer
-        rows = [row for call in calls for row in call]
+        rows = [row for call_rows, explain in calls if not explain for row in call_rows]
         self.metrics.batch_calls.observe(len(calls))
-        self.metrics.batch_rows.observe(len(rows))
+        self.metrics.batch_rows.observe(sum(len(call_rows) for call_rows, _ in calls))
         probabilities = model.predict(rows) if rows else np.empty(0)
         results: list[Result] = []
         start = 0
-        for call in calls:
-            results.append((probabilities[start : start + len(call)], model.version))
-            start += len(call)
+        for call_rows, explain in calls:
+            if explain:
+                explained, explanations = model.explain(call_rows)
+                results.append((explained, model.version, explanations))
+                continue
+            results.append((probabilities[start : start + len(call_rows)], model.version, None))
+            start += len(call_rows)
         return results
 
     async def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 from pydantic import (
     AllowInfNan,
@@ -51,13 +51,31 @@ SPARSE_MESSAGE = "a sparse value must be a string, an integer or null"
 DENSE_MESSAGE = "a dense value must be a finite number or null"
 
 
+class Explanation(BaseModel):
+    """A row's logit split into parts that sum to it (to float32 rounding)."""
+
+    logit: float = Field(description="log-odds of a click: the sum of every part below")
+    bias: float
+    first_order: dict[str, float] = Field(
+        description="per field: its first-order term (w_f[x] for a sparse or bucketed "
+        "field, u_d z_d for a dense one)"
+    )
+    fm: dict[str, float] = Field(
+        description="per embedded field: its share of the FM term, half its pairwise "
+        "interactions with every other field"
+    )
+    dnn: float = Field(description="the deep part's term")
+
+
 class PredictResponse(BaseModel):
     probability: float = Field(description="click probability")
     model_version: str
+    explanation: Explanation | None = Field(None, description='with "explain": true')
 
 
 class PredictManyResponse(BaseModel):
     probabilities: list[float] = Field(description="the i-th belongs to the i-th instance")
+    explanations: list[Explanation] | None = Field(None, description='with "explain": true')
     model_version: str
 
 
@@ -111,9 +129,14 @@ class RequestSchemas:
     def build(cls, spec: FeatureSpec, max_value_chars: int) -> RequestSchemas:
         features = features_type(spec, max_value_chars)
         described = Annotated[features, Field(description="field name -> raw value")]  # type: ignore[valid-type]
-        predict = _typed_dict("PredictRequest", {"features": described})
+        explain = NotRequired[
+            Annotated[bool, Strict(), Field(description="also split each logit into parts")]
+        ]
+        predict = _typed_dict("PredictRequest", {"features": described, "explain": explain})
         instances = Annotated[list[features], Field(min_length=1)]  # type: ignore[valid-type]
-        predict_many = _typed_dict("PredictManyRequest", {"instances": instances})
+        predict_many = _typed_dict(
+            "PredictManyRequest", {"instances": instances, "explain": explain}
+        )
         return cls(TypeAdapter(predict), TypeAdapter(predict_many))
 
 

@@ -23,6 +23,8 @@ from model.checkpoint import Checkpoint
 from model.deepfm import DeepFM
 from model.predict import sigmoid
 
+Explained = dict[str, Any]  # one row's explanation (app.schemas.Explanation)
+
 
 class ServingModel:
     """One checkpoint's model and store; ``version`` names the model of every answer."""
@@ -60,6 +62,50 @@ class ServingModel:
                 gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
             )
         return sigmoid(logits.numpy())
+
+    def explain(self, rows: Sequence[Row]) -> tuple[npt.NDArray[np.float64], list[Explained]]:
+        """``predict``, and each row's logit split into parts (``DeepFM.explain_rows``)."""
+        probabilities: list[npt.NDArray[np.float64]] = []
+        explanations: list[Explained] = []
+        for start in range(0, len(rows), self._chunk_rows):
+            gathered, dense = self.store.encode(rows[start : start + self._chunk_rows])
+            with torch.inference_mode():
+                parts = {
+                    name: part.detach().numpy()
+                    for name, part in self._model.explain_rows(
+                        gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
+                    ).items()
+                }
+            probabilities.append(sigmoid(parts["logit"]))
+            explanations += self._explanations(parts)
+        self._metrics.rows_predicted.inc(len(rows))
+        return np.concatenate(probabilities), explanations
+
+    def _explanations(self, parts: dict[str, npt.NDArray[np.float32]]) -> list[Explained]:
+        embedded = [f.name for f in self.features.embedded_fields]
+        dense = [f.name for f in self.features.dense_fields]
+        # First-order terms of every field, in the spec's field order.
+        by_name = dict(zip([*embedded, *dense], range(len(embedded) + len(dense)), strict=True))
+        order = [by_name[f.name] for f in self.features.fields]
+        names = [f.name for f in self.features.fields]
+        first = np.concatenate((parts["first_order"], parts["dense_linear"]), axis=1)[:, order]
+        return [
+            {
+                "logit": logit,
+                "bias": bias,
+                "first_order": dict(zip(names, first_row, strict=True)),
+                "fm": dict(zip(embedded, fm_row, strict=True)),
+                "dnn": dnn,
+            }
+            for logit, bias, first_row, fm_row, dnn in zip(
+                parts["logit"].tolist(),
+                parts["bias"].tolist(),
+                first.tolist(),
+                parts["fm"].tolist(),
+                parts["dnn"].tolist(),
+                strict=True,
+            )
+        ]
 
     def describe(self) -> dict[str, Any]:
         """The metadata /model returns."""

@@ -8,7 +8,10 @@ depends most on Redis) serves the bundled model; a Redis server of the
 benchmark's own holds its rows. Requests are sent open-loop at ``--rate`` per
 second (each is timed from when it was due, so a stall shows in the latency
 rather than slowing the load) from this process with asyncio and httpx: a low,
-fixed rate that takes a few percent of a core, not a throughput test. At half
+fixed rate that takes a few percent of a core, not a throughput test. Every other
+call carries a value never seen before, so the replica asks Redis all along (a
+warm cache would hide the restart) and its cache (20,000 rows, full after the
+warm-up) keeps evicting. At half
 time Redis is stopped and started again, empty (it keeps nothing on disk): the
 service must keep answering and publish its rows again by itself.
 
@@ -39,6 +42,7 @@ from model.synthetic import generate
 from tests.redis_servers import RedisServer
 
 WINDOW_S = 10
+CACHE_ROWS = 20_000
 WARMUP_S = 60
 
 
@@ -64,8 +68,11 @@ async def load(
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
 
         async def one(i: int, due: float) -> None:
+            row = rows[i % len(rows)]
+            if i % 2:  # a value never seen before: a cache miss, so Redis is asked all along
+                row = {**row, "C3": f"fresh-{i}"}
             try:
-                response = await client.post("/predict", json={"features": rows[i % len(rows)]})
+                response = await client.post("/predict", json={"features": row})
                 status = response.status_code
             except httpx.TransportError:
                 status = 0
@@ -156,6 +163,8 @@ async def soak(args: argparse.Namespace) -> None:
             "CTR_LOG_LEVEL": "warning",
             "CTR_REDIS_URL": redis.url,
             "CTR_HOLD_TABLES": "false",
+            # Small enough to fill during the warm-up: then it evicts as it admits.
+            "CTR_LOCAL_CACHE_ROWS": str(CACHE_ROWS),
         }
         with server("app.main:create_app", env) as (url, pid):
             results, *_ = await asyncio.gather(
@@ -197,7 +206,9 @@ async def soak(args: argparse.Namespace) -> None:
         f"`python -m benchmarks.soak --minutes {args.minutes} --rate {args.rate}`: "
         f"{len(results):,} /predict calls at {args.rate:.0f}/s (open loop, asyncio + httpx "
         "in the benchmark process) against `python -m app` in redis mode without tables, "
-        "the bundled model, rows like its training data (2% unseen values). Redis was "
+        "the bundled model, rows like its training data (2% unseen values) and, in every "
+        "other call, a value never seen before (a cache miss: Redis is asked all along), "
+        f"a cache of {CACHE_ROWS:,} rows (full after the warm-up). Redis was "
         f"stopped at {events['redis_stopped_at']:.0f} s and started again, empty, at "
         f"{events['redis_started_at']:.0f} s.",
         "",

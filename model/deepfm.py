@@ -138,6 +138,28 @@ class DeepFM(nn.Module):
         rows = self.gather(ids)
         return self.forward_rows(rows[..., 0], rows[..., 1:], dense)
 
+    def explain_rows(
+        self, first_order: Tensor, embeddings: Tensor, dense: Tensor
+    ) -> dict[str, Tensor]:
+        """The logit of gathered rows split into parts that sum to it.
+
+        bias ``B``; first_order ``B x F`` (w_f[x_f]); dense_linear ``B x D`` (u_d z_d);
+        fm ``B x F``: each field's share of the FM term, half its pairwise interactions
+        with every other field, ``1/2 <e_f, sum_g e_g - e_f>``, so the shares sum to
+        ``y_fm`` exactly; dnn ``B``; and logit ``B`` (``forward_rows``'s value).
+        """
+        total = embeddings.sum(dim=1, keepdim=True)
+        fm = 0.5 * (embeddings * (total - embeddings)).sum(dim=2)
+        dnn: Tensor = self.deep(torch.cat((embeddings.flatten(1), dense), dim=1))
+        return {
+            "bias": self.bias.expand(first_order.shape[0]),
+            "first_order": first_order,
+            "dense_linear": dense * self.dense_weight,
+            "fm": fm,
+            "dnn": dnn,
+            "logit": self.forward_rows(first_order, embeddings, dense),
+        }
+
     def forward_rows(self, first_order: Tensor, embeddings: Tensor, dense: Tensor) -> Tensor:
         """Logits ``B`` from gathered rows.
 

@@ -1,0 +1,177 @@
+"""The Open Inference Protocol endpoints, driven by the official Triton HTTP client
+against the running server, and their error cases."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from model.data import CRITEO_DENSE, CRITEO_SPARSE
+from model.predict import Predictor
+from tests.app.conftest import ClientFactory
+from tests.app.test_routes import random_rows
+from tests.app.test_server import start
+
+MODEL = "ctr"
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    process, url = start(CTR_LOG_LEVEL="error")
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+
+def test_the_triton_client_reads_health_and_metadata(server_url: str, offline: Predictor) -> None:
+    client = triton.InferenceServerClient(url=server_url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    assert client.is_model_ready(MODEL, model_version=offline.checkpoint.version)
+    assert not client.is_model_ready("other")
+    server = client.get_server_metadata()
+    assert server["name"] == "ctr-serve" and server["extensions"] == []
+    model = client.get_model_metadata(MODEL)
+    assert model["name"] == MODEL and model["versions"] == [offline.checkpoint.version]
+    inputs = {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]}
+    assert inputs == {
+        **{name: ("FP32", [-1]) for name in CRITEO_DENSE},
+        **{name: ("BYTES", [-1]) for name in CRITEO_SPARSE},
+    }
+    assert model["outputs"] == [{"name": "probability", "datatype": "FP32", "shape": [-1]}]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_metadata("other")
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_triton_inference_equals_predict_many(
+    server_url: str, offline: Predictor, versioned: bool
+) -> None:
+    rows = random_rows(offline, 64, seed=8, values=30)
+    # A tensor has a value for every row: a dense value is a number (missing: the
+    # field's mean after its transform would differ, so fill them), a sparse "" is
+    # missing.
+    for row in rows:
+        for name in CRITEO_DENSE:
+            row[name] = float(row.get(name) if row.get(name) is not None else 0.0)
+    inputs = []
+    for name in CRITEO_DENSE:
+        tensor = triton.InferInput(name, [len(rows)], "FP32")
+        tensor.set_data_from_numpy(
+            np.array([row[name] for row in rows], dtype=np.float32), binary_data=False
+        )
+        inputs.append(tensor)
+    for name in CRITEO_SPARSE:
+        tensor = triton.InferInput(name, [len(rows)], "BYTES")
+        values = [str(row[name]) if row.get(name) is not None else "" for row in rows]
+        tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=False)
+        inputs.append(tensor)
+    client = triton.InferenceServerClient(url=server_url.removeprefix("http://"))
+    version = offline.checkpoint.version if versioned else ""
+    result = client.infer(
+        MODEL,
+        inputs,
+        model_version=version,
+        request_id="r-1",
+        outputs=[triton.InferRequestedOutput("probability", binary_data=False)],
+    )
+    got = result.as_numpy("probability")
+    assert got.dtype == np.float32 and got.shape == (len(rows),)
+    response = result.get_response()
+    assert response["model_version"] == offline.checkpoint.version and response["id"] == "r-1"
+    native = httpx.post(server_url + "/predict_many", json={"instances": rows}).json()
+    np.testing.assert_allclose(got, native["probabilities"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, offline.predict_rows(rows), rtol=1e-6, atol=1e-7)
+
+
+def infer_body(**tensor: Any) -> dict[str, Any]:
+    base = {"name": "C1", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}
+    return {"inputs": [{**base, **tensor}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v2/models/other/infer", infer_body(), 404, "unknown model"),
+        ("/v2/models/ctr/versions/deepfm-000000000000/infer", infer_body(), 404, "no version"),
+        ("/v2/models/ctr/infer", {"x": 1}, 400, '"inputs"'),
+        ("/v2/models/ctr/infer", {"inputs": []}, 400, "no inputs"),
+        ("/v2/models/ctr/infer", infer_body(name="C99"), 400, "unknown input"),
+        ("/v2/models/ctr/infer", infer_body(datatype="FP32"), 400, "datatype"),
+        ("/v2/models/ctr/infer", infer_body(shape=[3]), 400, "2 values for shape [3]"),
+        ("/v2/models/ctr/infer", infer_body(shape=[1, 2]), 400, "shape [n]"),
+        ("/v2/models/ctr/infer", infer_body(data=["a", 1]), 400, "takes strings"),
+        ("/v2/models/ctr/infer", infer_body(data="ab"), 400, '"data" array'),
+        (
+            "/v2/models/ctr/infer",
+            {"inputs": infer_body()["inputs"] * 2},
+            400,
+            "given twice",
+        ),
+        (
+            "/v2/models/ctr/infer",
+            {
+                "inputs": [
+                    *infer_body()["inputs"],
+                    {"name": "I1", "datatype": "FP32", "shape": [3], "data": [1, 2, 3]},
+                ]
+            },
+            400,
+            "different batch sizes",
+        ),
+        (
+            "/v2/models/ctr/infer",
+            {"inputs": [{"name": "I1", "datatype": "FP32", "shape": [1], "data": ["x"]}]},
+            400,
+            "finite numbers",
+        ),
+        ("/v2/models/ctr/infer", {**infer_body(), "outputs": [{"name": "x"}]}, 400, "output"),
+    ],
+)
+async def test_v2_errors_use_the_protocols_shape(
+    client: httpx.AsyncClient, path: str, body: Any, status: int, message: str
+) -> None:
+    response = await client.post(path, json=body)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
+    assert message in response.json()["error"]
+
+
+async def test_v2_refuses_binary_data_and_bad_json(client: httpx.AsyncClient) -> None:
+    binary = await client.post(
+        "/v2/models/ctr/infer",
+        content=b"{}",
+        headers={"Inference-Header-Content-Length": "2"},
+    )
+    assert binary.status_code == 400 and "binary" in binary.json()["error"]
+    broken = await client.post("/v2/models/ctr/infer", content=b"{nope")
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
+    nested = await client.post(
+        "/v2/models/ctr/infer", json=infer_body(shape=[2], data=[["a"], ["b"]])
+    )
+    assert nested.status_code == 200  # row-major nesting is flattened
+    assert (await client.get("/v2/models/other")).status_code == 404
+
+
+async def test_v2_needs_the_api_key_except_for_health(make_client: ClientFactory) -> None:
+    async with make_client(api_key="k") as client:
+        assert (await client.get("/v2/health/live")).status_code == 200
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        denied = await client.post("/v2/models/ctr/infer", json=infer_body())
+        assert denied.status_code == 401 and "X-API-Key" in denied.json()["error"]
+        assert (await client.get("/v2/models/ctr")).status_code == 401
+        allowed = await client.post(
+            "/v2/models/ctr/infer", json=infer_body(), headers={"X-API-Key": "k"}
+        )
+        assert allowed.status_code == 200
+        assert allowed.json()["outputs"][0]["shape"] == [2]
