@@ -89,6 +89,7 @@ class ServingModel:
         order = [by_name[f.name] for f in self.features.fields]
         names = [f.name for f in self.features.fields]
         first = np.concatenate((parts["first_order"], parts["dense_linear"]), axis=1)[:, order]
+        first += 0.0  # -0.0 (a missing dense value times its weight) reads as 0.0
         return [
             {
                 "logit": logit,
