@@ -36,6 +36,10 @@ class Server(uvicorn.Server):
 
 
 def main() -> None:
+    # SIGHUP reloads the model once the app runs (app.main); until then, and with
+    # several workers (uvicorn's supervisor handles it: it restarts the workers), it
+    # must not terminate the process, its default action.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings()
     configure(settings.log_level)
     options: dict[str, Any] = {

@@ -64,3 +64,9 @@ class Overloaded(ServiceError):
 
     status_code = 503
     headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
+
+
+class Conflict(ServiceError):
+    """The request cannot be served in this configuration (409)."""
+
+    status_code = 409

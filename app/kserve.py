@@ -19,9 +19,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from app.config import Settings
 from app.errors import ServiceError
 from app.routes import authorize, json_response, runtime_of
 from app.runtime import Runtime
+from app.serving import ServingModel
 
 MODEL_NAME = "ctr"
 PLATFORM = "pytorch_deepfm"
@@ -31,17 +33,93 @@ OUTPUT = "probability"
 class ProtocolError(Exception):
     """Answered as ``{"error": message}`` with ``status``."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(
+        self, message: str, status: int = 400, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
-def error(message: str, status: int) -> Response:
-    return json_response({"error": message}, status)
+def error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    response = json_response({"error": message}, status)
+    response.headers.update(headers or {})
+    return response
 
 
-def empty(status: int) -> Response:
-    return Response(status_code=status)
+_OBJECT: dict[str, Any] = {"type": "object"}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype", "data"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string"},
+        "parameters": _OBJECT,
+        "data": {"type": "array"},
+    },
+}
+_ERROR = {
+    "description": "the protocol's error object",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}},
+            }
+        }
+    },
+}
+INFER_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": _OBJECT,
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}, "parameters": _OBJECT},
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the inference response",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model_name", "outputs"],
+                    "properties": {
+                        "model_name": {"type": "string"},
+                        "model_version": {"type": "string"},
+                        "id": {"type": "string"},
+                        "outputs": {"type": "array", "items": _TENSOR},
+                    },
+                }
+            }
+        },
+    },
+    400: _ERROR,
+    401: _ERROR,
+    404: _ERROR,
+    503: _ERROR,
+}
 
 
 def build_v2_router() -> APIRouter:
@@ -53,13 +131,14 @@ def build_v2_router() -> APIRouter:
             {"name": "ctr-serve", "version": metadata.version("ctr-serve"), "extensions": []}
         )
 
-    @router.get("/health/live", summary="200 while the server is up", response_class=Response)
+    @router.get("/health/live", summary="Server liveness")
     async def live() -> Response:
-        return empty(200)
+        return json_response({"live": True})
 
-    @router.get("/health/ready", summary="200 when it can infer, else 400", response_class=Response)
+    @router.get("/health/ready", summary="Server readiness (200, else 400)")
     async def ready(request: Request) -> Response:
-        return empty(200 if runtime_of(request).ready else 400)
+        ready = runtime_of(request).ready
+        return json_response({"ready": ready}, 200 if ready else 400)
 
     @router.get("/models/{name}", summary="Model metadata")
     async def model_metadata(request: Request, name: str) -> Response:
@@ -77,24 +156,38 @@ def build_v2_router() -> APIRouter:
     async def version_ready(request: Request, name: str, version: str) -> Response:
         return _model_ready(request, name, version)
 
-    @router.post("/models/{name}/infer", summary="Inference")
+    @router.post(
+        "/models/{name}/infer",
+        summary="Inference",
+        openapi_extra=INFER_DOCS,
+        responses=INFER_RESPONSES,
+    )
     async def infer(request: Request, name: str) -> Response:
         return await _infer(request, name, None)
 
-    @router.post("/models/{name}/versions/{version}/infer", summary="Inference by a version")
+    @router.post(
+        "/models/{name}/versions/{version}/infer",
+        summary="Inference by a version",
+        openapi_extra=INFER_DOCS,
+        responses=INFER_RESPONSES,
+    )
     async def version_infer(request: Request, name: str, version: str) -> Response:
         return await _infer(request, name, version)
 
     return router
 
 
-def _check_model(runtime: Runtime, name: str, version: str | None) -> None:
+def _check_model(
+    runtime: Runtime, name: str, version: str | None, model: ServingModel | None = None
+) -> None:
+    """404 unless ``name`` (and ``version``) is the model served (``model``, by default
+    the runtime's current one)."""
+    served = (model or runtime.model).version
     if name != MODEL_NAME:
         raise ProtocolError(f"unknown model {name!r}; this server has {MODEL_NAME!r}", 404)
-    if version is not None and version != runtime.model.version:
+    if version is not None and version != served:
         raise ProtocolError(
-            f"model {MODEL_NAME!r} has no version {version!r}; it serves {runtime.model.version!r}",
-            404,
+            f"model {MODEL_NAME!r} has no version {version!r}; it serves {served!r}", 404
         )
 
 
@@ -104,7 +197,7 @@ def _metadata(request: Request, name: str, version: str | None) -> Response:
         _authorize(request, runtime)
         _check_model(runtime, name, version)
     except ProtocolError as exc:
-        return error(str(exc), exc.status)
+        return error(str(exc), exc.status, exc.headers)
     model = runtime.model
     return json_response(
         {
@@ -125,36 +218,42 @@ def _model_ready(request: Request, name: str, version: str | None) -> Response:
     try:
         _check_model(runtime, name, version)
     except ProtocolError as exc:
-        return error(str(exc), exc.status)
-    return empty(200 if runtime.ready else 400)
+        return error(str(exc), exc.status, exc.headers)
+    ready = runtime.ready
+    return json_response({"name": MODEL_NAME, "ready": ready}, 200 if ready else 400)
 
 
 def _authorize(request: Request, runtime: Runtime) -> None:
     try:
         authorize(request, runtime)
     except ServiceError as exc:
-        raise ProtocolError(str(exc.detail), exc.status_code) from None
+        raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     runtime = runtime_of(request)
     try:
         _authorize(request, runtime)
-        _check_model(runtime, name, version)
         if "inference-header-content-length" in request.headers:
             raise ProtocolError(
                 "binary tensor data is not supported: send JSON data (binary_data=False)"
             )
+        raw = await request.body()
+        # The model that checks the request scores it (see app.routes.predict).
+        model = runtime.model
+        _check_model(runtime, name, version, model)
         try:
-            body = orjson.loads(await request.body())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ProtocolError(f"the body is not valid JSON: {exc}") from None
-        rows, request_id = _rows(body, runtime)
-        probabilities, served_by, _ = await runtime.predict_many(rows)
+        rows, request_id = _rows(body, model, runtime.settings)
+        probabilities, served_by, _ = await runtime.predict_many(model, rows)
     except ProtocolError as exc:
-        return error(str(exc), exc.status)
+        runtime.metrics.errors.labels("v2").inc()
+        return error(str(exc), exc.status, exc.headers)
     except ServiceError as exc:  # shutting down, overloaded
-        return error(str(exc.detail), exc.status_code)
+        runtime.metrics.errors.labels(type(exc).__name__).inc()
+        return error(str(exc.detail), exc.status_code, exc.headers)
     answer: dict[str, Any] = {
         "model_name": MODEL_NAME,
         "model_version": served_by,
@@ -172,18 +271,22 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return json_response(answer)
 
 
-def _rows(body: Any, runtime: Runtime) -> tuple[list[dict[str, Any]], str | None]:
+def _rows(
+    body: Any, model: ServingModel, settings: Settings
+) -> tuple[list[dict[str, Any]], str | None]:
     """An inference request -> rows of raw values (field -> value), and its id."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise ProtocolError('an inference request is an object with an "inputs" array')
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError('"id" must be a string')
-    for output in body.get("outputs") or []:
-        if not isinstance(output, dict) or output.get("name") != OUTPUT:
-            raise ProtocolError(f'the only output is "{OUTPUT}"')
-    fields = runtime.model.features.by_name
-    max_chars = runtime.settings.max_value_chars
+    outputs = body.get("outputs", [])
+    if not isinstance(outputs, list) or any(
+        not isinstance(output, dict) or output.get("name") != OUTPUT for output in outputs
+    ):
+        raise ProtocolError(f'"outputs" lists requested outputs; the only one is "{OUTPUT}"')
+    fields = model.features.by_name
+    max_chars = settings.max_value_chars
     columns: dict[str, list[Any]] = {}
     size: int | None = None
     for tensor in body["inputs"]:
@@ -218,8 +321,8 @@ def _rows(body: Any, runtime: Runtime) -> tuple[list[dict[str, Any]], str | None
         columns[name] = [_value(v, field.kind, name, max_chars) for v in data]
     if size is None:
         raise ProtocolError("no inputs")
-    if size > runtime.settings.max_instances:
-        raise ProtocolError(f"{size} rows; at most {runtime.settings.max_instances}")
+    if size > settings.max_instances:
+        raise ProtocolError(f"{size} rows; at most {settings.max_instances}")
     rows = [{} for _ in range(size)]  # type: list[dict[str, Any]]
     for name, values in columns.items():
         for row, value in zip(rows, values, strict=True):
@@ -229,14 +332,11 @@ def _rows(body: Any, runtime: Runtime) -> tuple[list[dict[str, Any]], str | None
 
 
 def _flatten(data: Any, name: str) -> list[Any]:
-    if not isinstance(data, list):
-        raise ProtocolError(f'input {name!r} needs a "data" array')
-    if all(not isinstance(v, list) for v in data):
-        return data
-    flat: list[Any] = []
-    for item in data:  # row-major nesting, as the protocol allows
-        flat += _flatten(item, name) if isinstance(item, list) else [item]
-    return flat
+    """The values of a tensor of shape [n]: a flat array (nesting would mean more
+    dimensions than the shape has)."""
+    if not isinstance(data, list) or any(isinstance(v, list | dict) for v in data):
+        raise ProtocolError(f'input {name!r} of shape [n] needs a flat "data" array')
+    return data
 
 
 def _value(value: Any, kind: str, name: str, max_chars: int) -> Any:

@@ -148,3 +148,6 @@ def reload_on_sighup(runtime: Runtime) -> Iterator[None]:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        # Not the default action (terminate) for a SIGHUP during shutdown: ignore it. A
+        # reload under way is waited for by the runtime's close (and then refused).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from app.errors import (
     ClientGone,
+    Conflict,
     InvalidRequest,
     PayloadTooLarge,
     Unauthorized,
@@ -64,16 +65,20 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     )
 
 
-async def validated(request: Request, adapter: TypeAdapter[Any]) -> Any:
-    """The body, validated from its raw bytes by the model's compiled schema."""
+async def json_body(request: Request) -> bytes:
+    """The raw body of a JSON request."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media != JSON and not (media.startswith("application/") and media.endswith("+json")):
         raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
     try:
-        body = await request.body()
+        return await request.body()
     except ClientDisconnect:
         raise ClientGone("the client closed the connection") from None
+
+
+def validate(body: bytes, adapter: TypeAdapter[Any]) -> Any:
+    """The body, validated from its raw bytes by a model's compiled schema."""
     try:
         return adapter.validate_json(body)
     except ValidationError as exc:
@@ -90,9 +95,13 @@ def body_schema(adapter: TypeAdapter[Any], components: dict[str, Any]) -> dict[s
 async def predict(request: Request) -> Response:
     runtime = runtime_of(request)
     authorize(request, runtime)
-    body = await validated(request, runtime.model.schemas.predict)
+    raw = await json_body(request)
+    # The model that validates the request scores it (a reload may swap in another with
+    # other fields): taken after the last await before the call is queued.
+    model = runtime.model
+    body = validate(raw, model.schemas.predict)
     explain = body.get("explain", False)
-    probability, version, explanation = await runtime.predict_one(body["features"], explain)
+    probability, version, explanation = await runtime.predict_one(model, body["features"], explain)
     if explain:
         return json_response(
             {"probability": probability, "model_version": version, "explanation": explanation}
@@ -103,13 +112,15 @@ async def predict(request: Request) -> Response:
 async def predict_many(request: Request) -> Response:
     runtime = runtime_of(request)
     authorize(request, runtime)
-    body = await validated(request, runtime.model.schemas.predict_many)
+    raw = await json_body(request)
+    model = runtime.model  # (as in predict)
+    body = validate(raw, model.schemas.predict_many)
     instances = body["instances"]
     limit = runtime.settings.max_instances
     if len(instances) > limit:
         raise PayloadTooLarge(f"{len(instances)} instances; at most {limit}")
     explain = body.get("explain", False)
-    probabilities, version, explanations = await runtime.predict_many(instances, explain)
+    probabilities, version, explanations = await runtime.predict_many(model, instances, explain)
     if explain:
         return json_response(
             {
@@ -213,6 +224,11 @@ def build_router() -> APIRouter:
     async def reload(
         runtime: RuntimeDep, body: Annotated[ReloadRequest | None, Body()] = None
     ) -> Response:
+        if runtime.settings.workers > 1:
+            raise Conflict(
+                "with CTR_WORKERS > 1 a reload would reach one worker: send SIGHUP to the "
+                "server process instead (uvicorn restarts every worker on CTR_MODEL_DIR)"
+            )
         directory = body.model_dir if body is not None else None
         version, previous = await runtime.reload(directory)
         return json_response({"model_version": version, "previous_version": previous})

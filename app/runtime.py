@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 
 REDIS_SOCKET_TIMEOUT_S = 10.0
 
-Call = tuple[Sequence[Row], bool]  # a call's rows, and whether it wants explanations
+# A call: the model its request was validated against, its rows, and whether it wants
+# explanations.
+Call = tuple[ServingModel, Sequence[Row], bool]
 # A call's probabilities, the version of the model that computed them, and explanations.
 Result = tuple[np.ndarray, str, list[Explained] | None]
 
@@ -50,10 +53,14 @@ async def load_serving_model(
 ) -> ServingModel:
     """A checkpoint's model with its embedding store started (its rows published in redis
     mode) and one forward pass done, ready to take traffic."""
-    model = checkpoint.build_model()
+    model = await asyncio.to_thread(checkpoint.build_model)
     checkpoint = dataclasses.replace(checkpoint, state={})  # the model holds the tensors
     store = open_store(settings, checkpoint, model, metrics)
-    await store.start()
+    try:
+        await store.start()
+    except BaseException:
+        await store.aclose()
+        raise
     serving = ServingModel(checkpoint, model, store, metrics, settings)
     await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
     return serving
@@ -99,6 +106,7 @@ class Runtime:
                 load_checkpoint, settings.model_dir, tables=settings.tables_in_process
             )
         serving = await load_serving_model(settings, metrics, checkpoint)
+        metrics.model_info.labels(serving.version).set(1)
         settle_heap()
         log.info(
             "serving %s from %s with the %s embedding store (%s) on %d torch threads",
@@ -114,19 +122,22 @@ class Runtime:
         """Load, verify, publish (redis store) and warm the checkpoint in ``directory``
         (default: CTR_MODEL_DIR), then swap it in; return (new version, old version).
 
-        Calls in flight finish on the model they started with. A checkpoint that does not
-        load raises InvalidCheckpoint and the current model keeps serving.
+        Calls already accepted finish on the model they were validated against. A
+        checkpoint that does not load raises InvalidCheckpoint, and a redis-store model
+        whose rows could not be published (while the current one's were) raises
+        NotReady; either way the current model keeps serving.
         """
         directory = directory or self.settings.model_dir
         async with self._reload_lock:
+            if self._closing:
+                raise NotReady("the service is shutting down")
             old = self.model
-            previous = old.version
             try:
                 checkpoint = await asyncio.to_thread(
                     load_checkpoint, directory, tables=self.settings.tables_in_process
                 )
                 new = await load_serving_model(self.settings, self.metrics, checkpoint)
-            except CheckpointError as exc:
+            except (CheckpointError, OSError) as exc:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload refused, still serving %s: %s", old.version, exc)
                 raise InvalidCheckpoint(str(exc)) from None
@@ -134,33 +145,51 @@ class Runtime:
                 self.metrics.reloads.labels("failed").inc()
                 log.exception("reload of %s failed, still serving %s", directory, old.version)
                 raise
-            self.model = new  # the swap: the next batch reads the new model
-            # A batch that started before the swap may still use the old model: once a
-            # batch submitted now is done, none does.
-            await self._batcher.submit(([], False))
-            await old.store.aclose()
-            if old.version != new.version:
-                self.metrics.model_info.labels(old.version).set(0)
+            refusal = None
+            if not self.ready:  # (close began while the new model loaded)
+                refusal = "the service is shutting down"
+            elif new.store.state != "ok" and old.store.state == "ok":
+                refusal = f"the rows of {new.version} could not be read from Redis"
+            if refusal is not None:
+                await new.store.aclose()
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload refused, still serving %s: %s", old.version, refusal)
+                raise NotReady(f"{refusal}; still serving {old.version}")
+            self.model = new  # the swap: calls validated from now on use the new model
+            await self._retire(old)
+            self.metrics.model_info.labels(old.version).set(0)
             self.metrics.model_info.labels(new.version).set(1)
             self.metrics.reloads.labels("ok").inc()
-            del old
-            gc.unfreeze()  # the old model's objects were frozen with the rest
-            settle_heap()
             log.info("reloaded: serving %s from %s", new.version, directory)
-            return new.version, previous
+            return new.version, old.version
+
+    async def _retire(self, old: ServingModel) -> None:
+        """Close the replaced model's store once no queued call can use it."""
+        # Calls queued before the swap name the old model; a call queued now is
+        # processed after them all.
+        with contextlib.suppress(Exception):  # its batch failing still means it ran
+            await self._batcher.submit((self.model, [], False))
+        await old.store.aclose()
+        del old
+        gc.unfreeze()  # the old model's objects were frozen with the rest
+        await asyncio.to_thread(settle_heap)
 
     @property
     def ready(self) -> bool:
         return not self._closing
 
     async def predict_one(
-        self, features: Row, explain: bool = False
+        self, model: ServingModel, features: Row, explain: bool = False
     ) -> tuple[float, str, Explained | None]:
-        probabilities, version, explained = await self._submit(([features], explain))
+        """The probability of one row, by ``model`` (the model its request was validated
+        against), and its version."""
+        probabilities, version, explained = await self._submit((model, [features], explain))
         return float(probabilities[0]), version, explained[0] if explained else None
 
-    async def predict_many(self, instances: Sequence[Row], explain: bool = False) -> Result:
-        return await self._submit((instances, explain))
+    async def predict_many(
+        self, model: ServingModel, instances: Sequence[Row], explain: bool = False
+    ) -> Result:
+        return await self._submit((model, instances, explain))
 
     async def _submit(self, call: Call) -> Result:
         if self._batcher.queued >= self.settings.max_queued:
@@ -172,27 +201,33 @@ class Runtime:
             raise NotReady("the service is shutting down") from None
 
     def _process(self, calls: Sequence[Call]) -> list[Result]:
-        """One batch, on the batcher's worker thread: every call's rows in one forward
-        pass, but for calls that asked for explanations (a pass of their own each)."""
-        model = self.model  # one model for the whole batch: its version names every answer
-        rows = [row for call_rows, explain in calls if not explain for row in call_rows]
+        """One batch, on the batcher's worker thread: the calls of each model (one but
+        around a reload) in one forward pass, but for calls that asked for explanations
+        (a pass of their own each)."""
         self.metrics.batch_calls.observe(len(calls))
-        self.metrics.batch_rows.observe(sum(len(call_rows) for call_rows, _ in calls))
-        probabilities = model.predict(rows) if rows else np.empty(0)
-        results: list[Result] = []
-        start = 0
-        for call_rows, explain in calls:
-            if explain:
-                explained, explanations = model.explain(call_rows)
-                results.append((explained, model.version, explanations))
-                continue
-            results.append((probabilities[start : start + len(call_rows)], model.version, None))
-            start += len(call_rows)
-        return results
+        self.metrics.batch_rows.observe(sum(len(rows) for _, rows, _ in calls))
+        results: list[Result | None] = [None] * len(calls)
+        for model in {id(model): model for model, _, _ in calls}.values():
+            mine = [i for i, call in enumerate(calls) if call[0] is model]
+            plain = [i for i in mine if not calls[i][2]]
+            rows = [row for i in plain for row in calls[i][1]]
+            probabilities = model.predict(rows) if rows else np.empty(0)
+            start = 0
+            for i in plain:
+                count = len(calls[i][1])
+                results[i] = (probabilities[start : start + count], model.version, None)
+                start += count
+            for i in mine:
+                if calls[i][2]:
+                    explained, explanations = model.explain(calls[i][1])
+                    results[i] = (explained, model.version, explanations)
+        return [result for result in results if result is not None]  # (every call has one)
 
     async def close(self) -> None:
         """Answer everything queued, then release the store and the worker thread."""
         self._closing = True
+        async with self._reload_lock:  # a reload under way finishes (or refuses) first
+            pass
         await self._batcher.close()
         await self.model.store.aclose()
         gc.unfreeze()  # what start froze may be garbage now (a test's app, a replaced model)

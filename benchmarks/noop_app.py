@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from app.config import Settings
-from app.routes import json_response, validated
+from app.routes import json_body, json_response, validate
 from app.schemas import RequestSchemas
 from model.checkpoint import load_checkpoint
 
@@ -25,7 +25,7 @@ def create_app() -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        body = await validated(request, schemas.predict)
+        body = validate(await json_body(request), schemas.predict)
         assert isinstance(body["features"], dict)
         return json_response({"probability": 0.5, "model_version": version})
 

@@ -151,13 +151,16 @@ class DeepFM(nn.Module):
         total = embeddings.sum(dim=1, keepdim=True)
         fm = 0.5 * (embeddings * (total - embeddings)).sum(dim=2)
         dnn: Tensor = self.deep(torch.cat((embeddings.flatten(1), dense), dim=1))
+        # The logit as forward_rows computes it, from the same terms: equal to it.
+        y_lin = self.bias + first_order.sum(dim=1) + dense @ self.dense_weight
+        y_fm: Tensor = self.fm(embeddings)
         return {
             "bias": self.bias.expand(first_order.shape[0]),
             "first_order": first_order,
             "dense_linear": dense * self.dense_weight,
             "fm": fm,
             "dnn": dnn,
-            "logit": self.forward_rows(first_order, embeddings, dense),
+            "logit": y_lin + y_fm + dnn,
         }
 
     def forward_rows(self, first_order: Tensor, embeddings: Tensor, dense: Tensor) -> Tensor:

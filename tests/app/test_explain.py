@@ -4,6 +4,7 @@ interactions split in half, an OOV value contributes its OOV row, and a call wit
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 from typing import Any
@@ -124,3 +125,27 @@ async def test_explain_in_redis_mode_matches_memory_mode(
     for a, b in zip(got, expected, strict=True):
         assert flat(a) == pytest.approx(flat(b), abs=1e-6)
     np.testing.assert_allclose([e["logit"] for e in got], [e["logit"] for e in expected])
+
+
+async def test_explained_and_plain_calls_in_one_batch_each_get_their_own_answer(
+    client: httpx.AsyncClient, offline: Predictor
+) -> None:
+    rows = random_rows(offline, 60, seed=31, values=30)
+    expected = offline.predict_rows(rows)
+    responses = await asyncio.gather(
+        *(
+            client.post("/predict", json={"features": row, "explain": i % 3 == 0})
+            for i, row in enumerate(rows)
+        )
+    )
+    for i, response in enumerate(responses):
+        body = response.json()
+        assert body["probability"] == pytest.approx(expected[i], abs=1e-6)
+        assert ("explanation" in body) == (i % 3 == 0)
+        if i % 3 == 0:
+            explanation = body["explanation"]
+            assert total(explanation) == pytest.approx(explanation["logit"], abs=1e-5)
+    metrics = (await client.get("/metrics")).text
+    calls = [line for line in metrics.splitlines() if line.startswith("ctr_batch_calls_count")]
+    batches = float(calls[0].rsplit(" ", 1)[1])
+    assert batches < len(rows)  # they were batched together, explained or not

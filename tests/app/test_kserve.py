@@ -159,8 +159,22 @@ async def test_v2_refuses_binary_data_and_bad_json(client: httpx.AsyncClient) ->
     nested = await client.post(
         "/v2/models/ctr/infer", json=infer_body(shape=[2], data=[["a"], ["b"]])
     )
-    assert nested.status_code == 200  # row-major nesting is flattened
+    assert nested.status_code == 400 and "flat" in nested.json()["error"]  # [2, 1], not [2]
+    deep = b'{"inputs": [{"name": "C1", "datatype": "BYTES", "shape": [1], "data": '
+    deep += b"[" * 900 + b"]" * 900 + b"}]}"
+    assert (await client.post("/v2/models/ctr/infer", content=deep)).status_code == 400
+    outputs = await client.post("/v2/models/ctr/infer", json={**infer_body(), "outputs": True})
+    assert outputs.status_code == 400 and "outputs" in outputs.json()["error"]
     assert (await client.get("/v2/models/other")).status_code == 404
+
+
+async def test_v2_health_and_readiness_bodies(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v2/health/live")).json() == {"live": True}
+    assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+    ready = await client.get("/v2/models/ctr/ready")
+    assert ready.status_code == 200 and ready.json() == {"name": "ctr", "ready": True}
+    unknown = await client.get("/v2/models/other/ready")
+    assert unknown.status_code == 404 and "unknown model" in unknown.json()["error"]
 
 
 async def test_v2_needs_the_api_key_except_for_health(make_client: ClientFactory) -> None:
@@ -169,6 +183,7 @@ async def test_v2_needs_the_api_key_except_for_health(make_client: ClientFactory
         assert (await client.get("/v2/health/ready")).status_code == 200
         denied = await client.post("/v2/models/ctr/infer", json=infer_body())
         assert denied.status_code == 401 and "X-API-Key" in denied.json()["error"]
+        assert denied.headers["www-authenticate"] == "X-API-Key"
         assert (await client.get("/v2/models/ctr")).status_code == 401
         allowed = await client.post(
             "/v2/models/ctr/infer", json=infer_body(), headers={"X-API-Key": "k"}

@@ -14,9 +14,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
-from model.checkpoint import Checkpoint
+from app.config import Settings
+from app.errors import NotReady
+from app.metrics import Metrics
+from app.runtime import Runtime
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.deepfm import DeepFM, DeepFMConfig
 from model.default_model import DEFAULT_MODEL_DIR
+from model.features import FeatureSpec, Field, Vocabulary
 from model.predict import Predictor
 from tests.app.conftest import ClientFactory
 from tests.app.test_routes import random_rows
@@ -81,6 +88,59 @@ async def test_a_reload_under_load_fails_no_request_and_never_mixes_models(
     assert versions == set(expected)  # both models answered
     for i, probability, version in answers:
         assert probability == pytest.approx(expected[version][i], abs=1e-6)
+
+
+def other_fields_checkpoint(directory: Path) -> Checkpoint:
+    """A checkpoint whose fields differ from the default model's: I1 is a category
+    here (a dense number there), C1 is gone, and a field Z is new."""
+    fields = (
+        Field("I1", "category", vocab=Vocabulary(("3", "abc"))),
+        Field("I2", "log", {"missing": 0.0}),
+        Field("Z", "category", vocab=Vocabulary(("z",))),
+    )
+    features = FeatureSpec(fields)
+    torch.manual_seed(1)
+    model = DeepFM(DeepFMConfig(features.vocab_sizes, num_dense=1, embed_dim=4, hidden_units=(8,)))
+    assert model.sparse_rows is not None
+    with torch.no_grad():
+        model.sparse_rows.weight.normal_(0.0, 0.5)
+    save_checkpoint(directory, model, features, created_at="2026-11-30T00:00:00+00:00")
+    return load_checkpoint(directory)
+
+
+async def test_a_reload_that_changes_the_fields_never_scores_a_call_with_another_model(
+    make_client: ClientFactory, offline: Predictor, tmp_path: Path
+) -> None:
+    """Each call is validated and scored by one model: a body valid for one model only
+    gets that model's answer, or its 422, never a 500."""
+    other = Predictor(other_fields_checkpoint(tmp_path / "other"))
+    bodies = [{"I1": 3, "I2": 5}, {"I1": "abc", "I2": 5}, {"C1": "x", "I2": 1}, {"Z": "z"}]
+    statuses: list[int] = []
+    wrong: list[str] = []
+    done = asyncio.Event()
+    async with make_client() as client:
+
+        async def sender(worker: int) -> None:
+            i = worker
+            while not done.is_set():
+                features = bodies[i % len(bodies)]
+                response = await client.post("/predict", json={"features": features})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    body = response.json()
+                    model = other if body["model_version"] == other.checkpoint.version else offline
+                    if abs(body["probability"] - model.predict_rows([features])[0]) > 1e-6:
+                        wrong.append(f"{features} {body}")
+                i += 1
+
+        senders = [asyncio.create_task(sender(w)) for w in range(16)]
+        for target in (tmp_path / "other", None, tmp_path / "other", None):
+            await asyncio.sleep(0.2)
+            assert (await reload(client, target)).status_code == 200
+        done.set()
+        await asyncio.gather(*senders)
+    assert not wrong
+    assert set(statuses) == {200, 422}  # a body of the other model's fields: its 422
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "not a checkpoint"])
@@ -242,3 +302,24 @@ def test_sigterm_under_load_cuts_off_no_accepted_request() -> None:
     assert served_before > 50
     assert set(statuses) == {200}
     assert not cut_off, cut_off
+
+
+async def test_a_reload_racing_shutdown_is_refused_and_leaks_nothing(
+    tiny_checkpoint: Checkpoint,
+) -> None:
+    settings = Settings()
+    runtime = await Runtime.start(settings, Metrics())
+    reloading = asyncio.create_task(runtime.reload(tiny_checkpoint.path))
+    await asyncio.sleep(0)  # the reload holds its lock and is loading
+    await runtime.close()  # waits for it
+    with pytest.raises(NotReady, match="shutting down"):
+        await reloading
+    assert runtime.model.version != tiny_checkpoint.version
+    with pytest.raises(NotReady):
+        await runtime.reload(tiny_checkpoint.path)
+
+
+async def test_reload_with_several_workers_is_a_conflict(make_client: ClientFactory) -> None:
+    async with make_client(workers=2) as client:
+        response = await reload(client)
+    assert response.status_code == 409 and "SIGHUP" in response.json()["detail"]

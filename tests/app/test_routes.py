@@ -267,7 +267,7 @@ async def test_metrics_count_requests_batches_and_lookups(client: httpx.AsyncCli
     assert sample(text, "ctr_batch_rows_sum") >= 4
     assert 'ctr_embedding_lookups_total{tier="tables"}' in text
     assert 'ctr_errors_total{kind="InvalidRequest"} 1.0' in text
-    assert "ctr_model_info" in text
+    assert 'ctr_model_info{version="deepfm-5c148811044d"} 1.0' in text
 
 
 async def test_api_key(make_client: ClientFactory) -> None:
