@@ -9,6 +9,7 @@ threads use the cores).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -81,13 +82,19 @@ class ServingModel:
         self._metrics.rows_predicted.inc(len(rows))
         return np.concatenate(probabilities), explanations
 
-    def _explanations(self, parts: dict[str, npt.NDArray[np.float32]]) -> list[Explained]:
+    @cached_property
+    def _first_order_layout(self) -> tuple[list[int], list[str], list[str]]:
+        """How explanations name their parts, worked out once per model: the columns of
+        [embedded first-order terms, dense terms] in the spec's field order, the field
+        names in that order, and the embedded fields' names."""
         embedded = [f.name for f in self.features.embedded_fields]
         dense = [f.name for f in self.features.dense_fields]
-        # First-order terms of every field, in the spec's field order.
-        by_name = dict(zip([*embedded, *dense], range(len(embedded) + len(dense)), strict=True))
-        order = [by_name[f.name] for f in self.features.fields]
+        column = {name: i for i, name in enumerate([*embedded, *dense])}
         names = [f.name for f in self.features.fields]
+        return [column[name] for name in names], names, embedded
+
+    def _explanations(self, parts: dict[str, npt.NDArray[np.float32]]) -> list[Explained]:
+        order, names, embedded = self._first_order_layout
         first = np.concatenate((parts["first_order"], parts["dense_linear"]), axis=1)[:, order]
         first += 0.0  # -0.0 (a missing dense value times its weight) reads as 0.0
         return [

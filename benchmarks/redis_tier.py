@@ -212,16 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     rps_ratio = steady_runs["redis"]["rps"] / steady_runs["memory"]["rps"]
     saved_mib = rss_after["memory"] - rss_after["redis"]
     targets = {
-        "steady_rps_ratio_redis_to_memory": {
-            "value": rps_ratio,
-            "target": ">= 0.85",
-            "met": rps_ratio >= 0.85,
-        },
-        "rss_saved_share_of_tables": {
-            "value": saved_mib / table_mib,
-            "target": ">= 0.8",
-            "met": saved_mib >= 0.8 * table_mib,
-        },
+        "steady_rps_ratio_redis_to_memory": report.target(rps_ratio, ">= 0.85", rps_ratio >= 0.85),
+        "rss_saved_share_of_tables": report.target(
+            saved_mib / table_mib, ">= 0.8", saved_mib >= 0.8 * table_mib
+        ),
     }
     figures = {
         "rows": table_rows,
@@ -274,16 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Redis mode saves {saved_mib:,.0f} MiB of RSS, {saved_mib / table_mib:.2f}x the "
         "tables' size (the vocabularies the memory replica holds count too).",
         "",
-        "| target | value | met |",
-        "|---|---|---|",
-        *(
-            f"| {k} {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |"
-            for k, t in targets.items()
-        ),
+        *report.targets_table(targets),
     ]
-    out = report.write("redis_tier", figures, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"written to {out}")
+    report.publish("redis_tier", figures, lines)
 
 
 if __name__ == "__main__":

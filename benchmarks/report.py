@@ -39,3 +39,28 @@ def write(name: str, figures: dict[str, Any], markdown: str, results: Path = RES
     path = results / f"{name}.md"
     path.write_text(markdown.rstrip() + "\n")
     return path
+
+
+def target(value: float, goal: str, met: bool) -> dict[str, Any]:
+    """One target's entry: the measured value, the goal as written, and whether it is met."""
+    return {"value": value, "target": goal, "met": met}
+
+
+def targets_table(targets: dict[str, dict[str, Any]], value_format: str = ".3f") -> list[str]:
+    """Markdown lines: one row per target, a miss in bold."""
+    return [
+        "| target | value | met |",
+        "|---|---|---|",
+        *(
+            f"| {name} {t['target']} | {t['value']:{value_format}} | "
+            f"{'yes' if t['met'] else '**no**'} |"
+            for name, t in targets.items()
+        ),
+    ]
+
+
+def publish(name: str, figures: dict[str, Any], lines: list[str]) -> None:
+    """``write`` the report, and print it with where it went."""
+    out = write(name, figures, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"written to {out}")

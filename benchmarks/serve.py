@@ -252,22 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     a64, f64 = results["batched"]["64"], results["floor"]["64"]
     a1, f1 = results["batched"]["1"], results["floor"]["1"]
     many_ratio = results["predict_many"]["rows_per_s"] / in_process
+    c64_ratio = a64["rps"] / f64["rps"]
+    c1_over_ms = a1["p50_ms"] - f1["p50_ms"]
     targets = {
-        "c64_rps_ratio_to_floor": {
-            "value": a64["rps"] / f64["rps"],
-            "target": ">= 0.8",
-            "met": a64["rps"] / f64["rps"] >= 0.8,
-        },
-        "c1_p50_over_floor_ms": {
-            "value": a1["p50_ms"] - f1["p50_ms"],
-            "target": "<= 0.5",
-            "met": a1["p50_ms"] - f1["p50_ms"] <= 0.5,
-        },
-        "predict_many_ratio_to_in_process": {
-            "value": many_ratio,
-            "target": ">= 0.5",
-            "met": many_ratio >= 0.5,
-        },
+        "c64_rps_ratio_to_floor": report.target(c64_ratio, ">= 0.8", c64_ratio >= 0.8),
+        "c1_p50_over_floor_ms": report.target(c1_over_ms, "<= 0.5", c1_over_ms <= 0.5),
+        "predict_many_ratio_to_in_process": report.target(many_ratio, ">= 0.5", many_ratio >= 0.5),
     }
     figures = {
         "duration_s": args.duration,
@@ -304,18 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{m['rows_per_s']:,.0f} rows/s (p50 {m['p50_ms']:.1f} ms) against "
         f"{in_process:,.0f} rows/s for encode + forward in process: {many_ratio:.2f}x.",
         "",
-        "| target | value | met |",
-        "|---|---|---|",
-        *(
-            f"| {k} {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |"
-            for k, t in targets.items()
-        ),
+        *report.targets_table(targets),
         "",
         "![throughput and p99 by concurrency](serve.png)",
     ]
-    out = report.write("serve", figures, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"written to {out}")
+    report.publish("serve", figures, lines)
 
 
 if __name__ == "__main__":

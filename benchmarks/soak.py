@@ -200,8 +200,8 @@ async def soak(args: argparse.Namespace) -> None:
     growth = rss_end / rss_start - 1
     degraded = [s["t"] for s in samples if s["state"] == "degraded"]
     targets = {
-        "errors": {"value": errors, "target": "== 0", "met": errors == 0},
-        "rss_growth": {"value": growth, "target": "< 0.05", "met": growth < 0.05},
+        "errors": report.target(errors, "== 0", errors == 0),
+        "rss_growth": report.target(growth, "< 0.05", growth < 0.05),
     }
     figures = {
         "minutes": args.minutes,
@@ -246,18 +246,11 @@ async def soak(args: argparse.Namespace) -> None:
         f"| RSS at the end | {rss_end:.0f} MiB ({growth:+.1%}) |",
         f"| RSS right after start-up | {samples[0]['rss_mib']:.0f} MiB |",
         "",
-        "| target | value | met |",
-        "|---|---|---|",
-        *(
-            f"| {k} {t['target']} | {t['value']:.3g} | {'yes' if t['met'] else '**no**'} |"
-            for k, t in targets.items()
-        ),
+        *report.targets_table(targets, ".3g"),
         "",
         "![p99 and RSS over time; Redis down in red](soak.png)",
     ]
-    out = report.write("soak", figures, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"written to {out}")
+    report.publish("soak", figures, lines)
 
 
 def main(argv: list[str] | None = None) -> None:

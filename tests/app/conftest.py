@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from model.checkpoint import Checkpoint, load_checkpoint
 from model.default_model import DEFAULT_MODEL_DIR
 from model.predict import Predictor
 from tests.redis_servers import RedisServer
+from tests.server_process import start
 
 Client = httpx.AsyncClient
 ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -68,3 +70,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    """``python -m app`` in its own process for a module's tests; it must exit 0."""
+    process, url = start(CTR_LOG_LEVEL="error")
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        assert process.returncode == 0

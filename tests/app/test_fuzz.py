@@ -5,8 +5,6 @@ at both prediction endpoints. Never a 5xx; every answer has its documented shape
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,20 +19,8 @@ from schemathesis.checks import (
 )
 
 from model.data import CRITEO_DENSE, CRITEO_SPARSE
-from tests.app.test_server import start
 
 FIELDS = list(CRITEO_DENSE + CRITEO_SPARSE)
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    process, url = start(CTR_LOG_LEVEL="error")
-    try:
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
-        assert process.returncode == 0
 
 
 def test_every_operation_survives_generated_requests(server_url: str) -> None:

@@ -3,8 +3,6 @@ against the running server, and their error cases."""
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,20 +15,9 @@ from model.data import CRITEO_DENSE, CRITEO_SPARSE
 from model.predict import Predictor
 from tests.app.conftest import ClientFactory
 from tests.app.test_routes import random_rows
-from tests.app.test_server import start
 
 MODEL = "ctr"
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    process, url = start(CTR_LOG_LEVEL="error")
-    try:
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
 
 
 def test_the_triton_client_reads_health_and_metadata(server_url: str, offline: Predictor) -> None:

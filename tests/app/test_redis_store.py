@@ -83,6 +83,12 @@ async def store_of(client: httpx.AsyncClient) -> dict[str, str]:
     return body
 
 
+def dense_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with every sparse value dropped: what a replica without tables answers
+    when Redis cannot (every sparse value gets its OOV row)."""
+    return [{k: v for k, v in row.items() if k.startswith("I")} for row in rows]
+
+
 def metric(text: str, name: str) -> float:
     """The sum of every sample of ``name`` in Prometheus text."""
     return sum(
@@ -386,8 +392,7 @@ async def test_without_tables_a_down_redis_gives_oov_rows_not_errors(
     async with make_client(redis_url=url, hold_tables=False) as client:
         got = await predict_all(client, rows)
         all_oov = [{} for _ in rows]  # every sparse value OOV, dense values kept
-        dense_only = [{k: v for k, v in row.items() if k.startswith("I")} for row in rows]
-        np.testing.assert_allclose(got, offline.predict_rows(dense_only), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, offline.predict_rows(dense_only(rows)), rtol=0, atol=1e-6)
         assert not np.allclose(got, offline.predict_rows(all_oov))
         metrics = (await client.get("/metrics")).text
         assert metric(metrics, 'ctr_embedding_fallbacks_total{reason="unavailable"}') > 0
@@ -498,9 +503,8 @@ async def test_a_publish_that_fails_midway_leaves_no_manifest_and_is_retried(
         await client.aclose()
     async with make_client(redis_url=redis_server.url, hold_tables=False) as replica:
         assert (await store_of(replica))["state"] == "degraded"
-        dense_only = [{k: v for k, v in row.items() if k.startswith("I")} for row in rows]
         got = await predict_all(replica, rows)  # OOV rows, not the partial rows
-        np.testing.assert_allclose(got, offline.predict_rows(dense_only), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, offline.predict_rows(dense_only(rows)), rtol=0, atol=1e-6)
         with redis_server.client() as r:
             r.config_set("maxmemory", 0)
         await wait_for_state(replica, "ok", timeout=30)

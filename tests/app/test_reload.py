@@ -27,8 +27,8 @@ from model.features import FeatureSpec, Field, Vocabulary
 from model.predict import Predictor
 from tests.app.conftest import ClientFactory
 from tests.app.test_routes import random_rows
-from tests.app.test_server import start
 from tests.redis_servers import RedisServer
+from tests.server_process import start
 
 pytestmark = pytest.mark.anyio
 

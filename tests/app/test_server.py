@@ -1,42 +1,11 @@
 """The service as users start it: ``python -m app`` in its own process, over real HTTP."""
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(**env: str) -> tuple[subprocess.Popen[str], str]:
-    """``python -m app`` on a free port, ready."""
-    port = free_port()
-    env = {**os.environ, "CTR_PORT": str(port), "CTR_LOG_LEVEL": "info", **env}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            assert process.poll() is None, "the server exited during start-up"
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+from tests.server_process import start
 
 
 def test_python_m_app_serves_logs_json_and_stops_cleanly_on_sigterm() -> None:
