@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from app.config import Settings
 from app.redisclient import RedisClient, connect
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,19 @@ async def _main(settings: Settings, model_dir: str | None) -> int:
     if settings.redis_url is None:
         log.error("CTR_REDIS_URL is not set: nowhere to publish")
         return 2
-    checkpoint = await asyncio.to_thread(load_checkpoint, model_dir or settings.model_dir)
+    try:
+        checkpoint = await asyncio.to_thread(load_checkpoint, model_dir or settings.model_dir)
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 1
     client = connect(settings, timeout_s=30.0)
     try:
         wrote = await publish(client, checkpoint, settings.redis_partitions)
+    except (RedisError, OSError, PublishFailed, ValueError) as exc:
+        # Redis unreachable or refusing, a write failing midway (nothing marked complete),
+        # or a published manifest that disagrees with this checkpoint.
+        log.error("publishing %s failed: %s", checkpoint.version, exc)
+        return 1
     finally:
         await client.aclose()
     print(f"{checkpoint.version}: {'published' if wrote else 'already published'}")  # noqa: T201

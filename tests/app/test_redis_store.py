@@ -263,6 +263,16 @@ def test_the_publish_command(redis_server: RedisServer, default_checkpoint: Chec
     unset = subprocess.run(command, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert unset.returncode == 2
     assert "CTR_REDIS_URL" in unset.stderr
+    missing = subprocess.run(
+        [*command, "--model-dir", "/nonexistent"], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "/nonexistent: not a directory"  # a line, no traceback
+    redis_server.kill()
+    down = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 1
+    assert down.stderr.startswith(f"publishing {default_checkpoint.version} failed")
+    assert "Traceback" not in down.stderr
 
 
 # -- faults
