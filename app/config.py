@@ -8,9 +8,11 @@ from typing import Literal
 from pydantic import Field, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.default_model import DEFAULT_MODEL_DIR
-
 MiB = 1 << 20
+# The bundled model (model.default_model's recipe writes it there). Spelt out, not
+# imported: importing the recipe would load the training stack into every process
+# that reads settings, the container's healthcheck included.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 class Settings(BaseSettings):
