@@ -2,7 +2,8 @@
 
 Callers on the event loop put their item on a queue and await a future. A worker
 thread of its own takes the first waiting call and, without waiting for company,
-every other call already queued behind it (up to ``max_calls``), processes them
+every other call already queued behind it (up to ``max_calls``, and up to
+``max_rows`` rows: a call that would pass it opens the next batch), processes them
 together (the forward pass, off the event loop), and hands each caller its
 result through the loop. While a batch is processed new calls queue; the next
 batch takes them all. At low load a call therefore runs at once; under load
@@ -49,11 +50,16 @@ class MicroBatcher(Generic[T, R]):
         process: Callable[[Sequence[T]], Sequence[R]],
         max_calls: int,
         name: str = "micro-batcher",
+        *,
+        rows: Callable[[T], int] = lambda _: 1,
+        max_rows: int | None = None,
     ) -> None:
         if max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         self._process = process
         self._max_calls = max_calls
+        self._rows = rows
+        self._max_rows = max_rows
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closing = False
@@ -81,14 +87,22 @@ class MicroBatcher(Generic[T, R]):
 
     def _run(self) -> None:
         stop = False
+        carried: object = None  # a call that did not fit its batch: it opens the next one
         while not stop:
             batch: list[tuple[T, asyncio.Future[R]]] = []
-            entry = self._queue.get()
+            rows = 0
+            entry = self._queue.get() if carried is None else carried
+            carried = None
             while True:
                 if entry is _STOP:
                     stop = True
                     break
+                item_rows = self._rows(entry[0])  # type: ignore[index]
+                if batch and self._max_rows is not None and rows + item_rows > self._max_rows:
+                    carried = entry
+                    break
                 batch.append(entry)  # type: ignore[arg-type]
+                rows += item_rows
                 if len(batch) >= self._max_calls:
                     break
                 try:

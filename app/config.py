@@ -1,7 +1,10 @@
-"""Settings, read from the environment (prefix ``CTR_``) in this one place."""
+"""Settings, read from the environment (prefix ``CTR_``) and the command line in this one
+place."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -15,10 +18,27 @@ MiB = 1 << 20
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
-class Settings(BaseSettings):
-    """Everything the service can be told; see README "Configuration"."""
+PROGRAM = "python -m app"
+PREFIX = "CTR_"
 
-    model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore", frozen=True)
+
+class UnknownSetting(ValueError):
+    """A CTR_* environment variable that names no setting (a typo, a removed setting)."""
+
+
+class Settings(BaseSettings):
+    """ctr-serve: click probabilities from a DeepFM over HTTP. Every option is also an
+    environment variable, CTR_ and its name (--model-dir: CTR_MODEL_DIR); an option
+    given on the command line wins. README "Configuration" explains them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        extra="ignore",
+        frozen=True,
+        cli_kebab_case=True,
+        cli_implicit_flags=False,
+        cli_prog_name=PROGRAM,
+    )
 
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="checkpoint directory to serve")
     embedding_store: Literal["memory", "redis"] | None = Field(
@@ -43,14 +63,30 @@ class Settings(BaseSettings):
     batch_max: PositiveInt = Field(256, description="most /predict calls in one forward pass")
     max_instances: PositiveInt = Field(10_000, description="most rows in one /predict_many")
     max_body_bytes: PositiveInt = 8 * MiB
-    max_value_chars: PositiveInt = Field(
-        256, description="longest sparse string value (422 past it)"
-    )
     max_queued: PositiveInt = Field(
         2048, description="calls waiting for the forward pass; past it, 503 with Retry-After"
     )
-    chunk_rows: PositiveInt = Field(4096, description="rows per forward pass in /predict_many")
+    chunk_rows: PositiveInt = Field(
+        1024,
+        description="most rows in one forward pass: a bigger call is scored in chunks of "
+        "this many, taking turns with the other calls",
+    )
+    max_queued_rows: PositiveInt = Field(
+        50_000,
+        description="rows of the calls accepted and not yet answered; past it, 503 with "
+        "Retry-After (a call is always accepted into an empty queue)",
+    )
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required")
+    admin_endpoints: bool = Field(
+        False,
+        description="answer /admin/* without an API key (only on a network you trust); "
+        "with CTR_API_KEY set they are on, behind the key",
+    )
+    models_root: Path | None = Field(
+        None,
+        description="the folder a reload's model_dir must lie in; default: the folder "
+        "holding CTR_MODEL_DIR",
+    )
     torch_threads: PositiveInt | None = Field(
         None, description="torch intra-op threads; default: one per core but one"
     )
@@ -64,11 +100,56 @@ class Settings(BaseSettings):
         30, description="on SIGTERM, how long in-flight calls may take before the exit"
     )
 
+    @classmethod
+    def of_server(cls, argv: Sequence[str] | None = None) -> Settings:
+        """The settings of a server: the environment, overridden by the command-line
+        options ``argv`` (``--help`` lists them). A CTR_ variable that names no setting
+        raises UnknownSetting, naming it: a typo must not pass unnoticed."""
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith(PREFIX)
+            and name[len(PREFIX) :].lower() not in cls.model_fields
+        )
+        if unknown:
+            raise UnknownSetting(
+                f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                f"`{PROGRAM} --help` lists them"
+            )
+        if argv is None:
+            return cls()
+        return cls(_cli_parse_args=list(argv))
+
+    def environment(self) -> dict[str, str]:
+        """The settings given explicitly, as CTR_ variables: how worker processes, which
+        read the environment, get the options of the command line too."""
+        out = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[PREFIX + name.upper()] = str(value)
+        return out
+
     @model_validator(mode="after")
     def _store_needs_redis(self) -> Settings:
         if self.embedding_store == "redis" and self.redis_url is None:
             raise ValueError("CTR_EMBEDDING_STORE=redis needs CTR_REDIS_URL")
         return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Whether /admin/* may act: behind the API key, or switched on explicitly."""
+        return self.api_key is not None or self.admin_endpoints
+
+    @property
+    def reload_root(self) -> Path:
+        """The folder whose checkpoints a reload may load (symlinks resolved)."""
+        return (self.models_root or self.model_dir.resolve().parent).resolve()
 
     @property
     def tables_in_process(self) -> bool:

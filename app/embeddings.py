@@ -37,6 +37,11 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def state(self) -> StoreState: ...
 
+    @property
+    def reason(self) -> str | None:
+        """While degraded: what went wrong last (for /readyz)."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 (a store with nothing to start)
         """Connect (on the event loop); the default store has nothing to connect to."""
 
@@ -55,12 +60,16 @@ class MemoryStore(EmbeddingStore):
         self._lookups = metrics.lookups.labels("tables")
         self._hits = metrics.hits.labels("tables")
         self._oov = metrics.oov
+        self._missing = metrics.missing
 
     def encode(self, rows: Sequence[Row]) -> Encoded:
         ids, dense = self._features.encode_rows(rows)
-        oov = int(np.count_nonzero(ids == 0))
-        self._lookups.inc(ids.size)
-        self._hits.inc(ids.size - oov)
+        # Index 0 is a missing value or an unseen one; only the unseen were looked up.
+        missing = self._features.count_missing(rows, ids)
+        oov = int(np.count_nonzero(ids == 0)) - missing
+        self._missing.inc(missing)
+        self._lookups.inc(ids.size - missing)
+        self._hits.inc(ids.size - missing - oov)
         self._oov.inc(oov)
         with torch.inference_mode():
             return self._model.gather(torch.from_numpy(ids)), dense

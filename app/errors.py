@@ -29,6 +29,18 @@ class Unauthorized(ServiceError):
     headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "X-API-Key"}
 
 
+class Forbidden(ServiceError):
+    """The admin endpoints are off, or a path lies outside what may be loaded (403)."""
+
+    status_code = 403
+
+
+class NotFound(ServiceError):
+    """What the request names does not exist: no checkpoint at a path (404)."""
+
+    status_code = 404
+
+
 class PayloadTooLarge(ServiceError):
     """The body or the number of instances is over its limit (413)."""
 

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from app.config import Settings
 from app.errors import ServiceError
-from app.routes import authorize, json_response, runtime_of
+from app.routes import authorize, json_body, json_response, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
 
@@ -59,6 +59,27 @@ _TENSOR = {
         "data": {"type": "array"},
     },
 }
+# What this model takes (the schema cannot say that every input's data must be as
+# long as its shape, nor that all inputs share one batch size: those are 400s).
+_INPUT = {
+    **_TENSOR,
+    "properties": {
+        "name": {"type": "string", "description": "a field of the model (GET its metadata)"},
+        "shape": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1},
+            "minItems": 1,
+            "maxItems": 1,
+        },
+        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
+        "parameters": _OBJECT,
+        "data": {
+            "type": "array",
+            "items": {"type": ["string", "number", "null"]},
+            "minItems": 1,
+        },
+    },
+}
 _ERROR = {
     "description": "the protocol's error object",
     "content": {
@@ -82,13 +103,16 @@ INFER_DOCS: dict[str, Any] = {
                     "properties": {
                         "id": {"type": "string"},
                         "parameters": _OBJECT,
-                        "inputs": {"type": "array", "items": _TENSOR},
+                        "inputs": {"type": "array", "items": _INPUT, "minItems": 1},
                         "outputs": {
                             "type": "array",
                             "items": {
                                 "type": "object",
                                 "required": ["name"],
-                                "properties": {"name": {"type": "string"}, "parameters": _OBJECT},
+                                "properties": {
+                                    "name": {"type": "string", "enum": [OUTPUT]},
+                                    "parameters": _OBJECT,
+                                },
                             },
                         },
                     },
@@ -118,8 +142,31 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _ERROR,
     401: _ERROR,
     404: _ERROR,
+    413: _ERROR,
+    415: _ERROR,
     503: _ERROR,
 }
+_MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {401: _ERROR, 404: _ERROR}
+_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "not ready (shutting down)"},
+    404: _ERROR,
+}
+
+
+def document(schema: dict[str, Any], version: str) -> None:
+    """Finish the OpenAPI description of the v2 paths in ``schema``: the model name and
+    version parameters take the served model's (so a client or a fuzzer reaches the
+    model, and learns that anything else is a 404), and no operation claims a 422,
+    which these routes never answer."""
+    values = {"name": [MODEL_NAME], "version": [version]}
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/v2/"):
+            continue
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] in values:
+                    parameter["schema"]["enum"] = values[parameter["name"]]
 
 
 def build_v2_router() -> APIRouter:
@@ -135,24 +182,40 @@ def build_v2_router() -> APIRouter:
     async def live() -> Response:
         return json_response({"live": True})
 
-    @router.get("/health/ready", summary="Server readiness (200, else 400)")
+    @router.get(
+        "/health/ready",
+        summary="Server readiness (200, else 400)",
+        responses={400: {"description": "not ready (shutting down)"}},
+    )
     async def ready(request: Request) -> Response:
         ready = runtime_of(request).ready
         return json_response({"ready": ready}, 200 if ready else 400)
 
-    @router.get("/models/{name}", summary="Model metadata")
+    @router.get("/models/{name}", summary="Model metadata", responses=_MODEL_RESPONSES)
     async def model_metadata(request: Request, name: str) -> Response:
         return _metadata(request, name, None)
 
-    @router.get("/models/{name}/versions/{version}", summary="Model metadata of a version")
+    @router.get(
+        "/models/{name}/versions/{version}",
+        summary="Model metadata of a version",
+        responses=_MODEL_RESPONSES,
+    )
     async def version_metadata(request: Request, name: str, version: str) -> Response:
         return _metadata(request, name, version)
 
-    @router.get("/models/{name}/ready", summary="200 when the model can infer")
+    @router.get(
+        "/models/{name}/ready",
+        summary="200 when the model can infer",
+        responses=_READY_RESPONSES,
+    )
     async def model_ready(request: Request, name: str) -> Response:
         return _model_ready(request, name, None)
 
-    @router.get("/models/{name}/versions/{version}/ready", summary="200 when it can infer")
+    @router.get(
+        "/models/{name}/versions/{version}/ready",
+        summary="200 when it can infer",
+        responses=_READY_RESPONSES,
+    )
     async def version_ready(request: Request, name: str, version: str) -> Response:
         return _model_ready(request, name, version)
 
@@ -238,7 +301,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             raise ProtocolError(
                 "binary tensor data is not supported: send JSON data (binary_data=False)"
             )
-        raw = await request.body()
+        raw = await json_body(request, untyped=True)
         # The model that checks the request scores it (see app.routes.predict).
         model = runtime.model
         _check_model(runtime, name, version, model)
@@ -286,7 +349,6 @@ def _rows(
     ):
         raise ProtocolError(f'"outputs" lists requested outputs; the only one is "{OUTPUT}"')
     fields = model.features.by_name
-    max_chars = settings.max_value_chars
     columns: dict[str, list[Any]] = {}
     size: int | None = None
     for tensor in body["inputs"]:
@@ -318,11 +380,11 @@ def _rows(
         if size is not None and shape[0] != size:
             raise ProtocolError(f"inputs have different batch sizes ({size} and {shape[0]})")
         size = shape[0]
-        columns[name] = [_value(v, field.kind, name, max_chars) for v in data]
+        columns[name] = [_value(v, field.kind, name) for v in data]
     if size is None:
         raise ProtocolError("no inputs")
     if size > settings.max_instances:
-        raise ProtocolError(f"{size} rows; at most {settings.max_instances}")
+        raise ProtocolError(f"{size} rows; at most {settings.max_instances}", 413)
     rows = [{} for _ in range(size)]  # type: list[dict[str, Any]]
     for name, values in columns.items():
         for row, value in zip(rows, values, strict=True):
@@ -339,14 +401,12 @@ def _flatten(data: Any, name: str) -> list[Any]:
     return data
 
 
-def _value(value: Any, kind: str, name: str, max_chars: int) -> Any:
+def _value(value: Any, kind: str, name: str) -> Any:
     if value is None:
         return None
     if kind == "sparse":
         if not isinstance(value, str):
             raise ProtocolError(f"input {name!r} (BYTES) takes strings, not {value!r}")
-        if len(value) > max_chars:
-            raise ProtocolError(f"input {name!r} has a value over {max_chars} characters")
         return value or None  # "" is missing
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ProtocolError(f"input {name!r} (FP32) takes finite numbers, not {value!r}")

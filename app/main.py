@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from app import kserve
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
 from app.errors import ServiceError
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The checkpoint is read here, so /docs shows the model's real fields
     and a bad CTR_MODEL_DIR fails at once, with the loader's message."""
     if settings is None:  # a server's factory (uvicorn --factory, a worker process)
-        settings = Settings()
+        settings = Settings.of_server()
         configure(settings.log_level)
     checkpoint = load_checkpoint(settings.model_dir, tables=settings.tables_in_process)
     metrics = Metrics()
@@ -70,11 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes.extend(served)
     components: dict[str, Any] = {}
     docs = prediction_docs(
-        RequestSchemas.build(checkpoint.features, settings.max_value_chars),
+        RequestSchemas.build(checkpoint.features),
         settings.max_instances,
         components,
     )
-    _document(app, docs, components)
+    _document(app, docs, components, settings)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -101,9 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _document(app: FastAPI, docs: APIRouter, components: dict[str, Any]) -> None:
+def _document(
+    app: FastAPI, docs: APIRouter, components: dict[str, Any], settings: Settings
+) -> None:
     """The OpenAPI document: the app's FastAPI routes, the prediction routes' declarations
-    (``docs``) and their request bodies' schema definitions."""
+    (``docs``) and their request bodies' schema definitions; with an API key set, the
+    operations that need it say so (a security scheme)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -114,10 +118,28 @@ def _document(app: FastAPI, docs: APIRouter, components: dict[str, Any]) -> None
                 routes=[*docs.routes, *app.routes],
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            kserve.document(schema, app.version)
+            if settings.api_key is not None:
+                declare_api_key(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def declare_api_key(schema: dict[str, Any]) -> None:
+    """Mark every operation that answers 401 as needing the X-API-Key header."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "401" in operation.get("responses", {}):
+                operation["security"] = [{"ApiKey": []}]
+                operation["parameters"] = [
+                    p for p in operation.get("parameters", []) if p.get("name") != "X-API-Key"
+                ]
+                if not operation["parameters"]:
+                    del operation["parameters"]
 
 
 @contextmanager

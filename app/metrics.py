@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,7 +54,14 @@ class Metrics:
         self.hits = Counter(
             "ctr_embedding_hits", "embedding rows found, per tier", ["tier"], registry=r
         )
-        self.oov = Counter("ctr_embedding_oov", "values that got their field's OOV row", registry=r)
+        self.oov = Counter(
+            "ctr_embedding_oov", "values looked up and not found: their field's OOV row", registry=r
+        )
+        self.missing = Counter(
+            "ctr_embedding_missing",
+            "embedded fields missing or null in a row (their OOV row; not lookups)",
+            registry=r,
+        )
         self.fallbacks = Counter(
             "ctr_embedding_fallbacks",
             "batches answered by a lower tier after a failure",
@@ -85,20 +93,21 @@ class Metrics:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests and times them per endpoint (the route's path, never a raw URL)."""
+    """Counts requests and times them per endpoint: the matched route's template
+    (``/v2/models/{name}/infer``), never a raw URL; "other" when no route matched."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str]) -> None:
         self.app = app
         self.metrics = metrics
-        # Label children bound once: a labels() lookup takes a lock on every call.
+        # Label children bound once (a labels() lookup takes a lock), the request counters'
+        # as each (endpoint, status) first occurs.
         self.latency = {e: metrics.latency.labels(e) for e in (*endpoints, "other")}
+        self.counters: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        endpoint = path if path in self.latency else "other"
         status = 500
         started = time.perf_counter()
 
@@ -111,5 +120,14 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            # The router records the route it matched in the scope; a request refused
+            # before routing (the body limit) is known by its path when that is a route's.
+            template = getattr(scope.get("route"), "path", None) or scope["path"]
+            endpoint = template if template in self.latency else "other"
             self.latency[endpoint].observe(time.perf_counter() - started)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            counter = self.counters.get((endpoint, status))
+            if counter is None:
+                counter = self.counters[endpoint, status] = self.metrics.requests.labels(
+                    endpoint, str(status)
+                )
+            counter.inc()

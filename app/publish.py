@@ -2,17 +2,24 @@
 
 A row is the packed little-endian float32 vector ``[w_f[x], V_f[x]_1..k]``. The
 rows of model version ``v``, embedded field number ``j`` (in the spec's order) and
-raw value ``x`` live in the hash
+value ``x`` live in the hash
 
-    ctr:rows:{v:f<j>:p<p>}    field x -> row,    p = crc32(x) mod partitions
+    ctr:rows:{v:f<j>:p<p>}    field key(x) -> row,    p = crc32(key(x)) mod partitions
 
 whose braces are a Redis Cluster hash tag: each partition lives on one node, and
-a field's partitions spread over the cluster. ``ctr:manifest:v`` (JSON: fields,
-partitions, row width, row count) is written after every row: a version without
-it is not published, whatever rows it has. ``ctr:lock:v`` keeps two publishers
-of one version from writing at once; it expires if its holder dies, and the
-holder renews it as it writes. Publishing is idempotent: a version with a
-manifest is never written again.
+a field's partitions spread over the cluster. ``key(x)`` is the value itself, or
+a digest of a long one (``model.features.value_key``). Every partition hash also
+holds the field ``SENTINEL``, which no value key can be, read with every lookup:
+a hash without it is gone (a cluster node that restarted empty, a flush), and
+its values cannot be told absent, so nothing read from it is trusted.
+
+``ctr:manifest:v`` (JSON: key format, fields, partitions, row width, row count)
+is written after every row: a version without it is not published, whatever
+rows it has. ``ctr:lock:v`` keeps two publishers of one version from writing at
+once; it expires if its holder dies, and the holder renews it as it writes.
+Publishing is idempotent: a complete version (a manifest, and every partition
+hash there) is never written again; one whose hashes went missing is written
+again under the lock, its manifest removed first.
 
     python -m app.publish [--model-dir DIR]     (CTR_REDIS_URL, CTR_REDIS_CLUSTER)
 """
@@ -36,10 +43,15 @@ from redis.exceptions import LockError, RedisError
 from app.config import Settings
 from app.redisclient import RedisClient, connect
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.features import value_key
 
 log = logging.getLogger(__name__)
 
 ROW_DTYPE = np.dtype("<f4")
+SENTINEL = "\n"  # a hash field no value key can be (value keys hold no newline)
+# 2: long values by digest, a sentinel in every partition. A version published in
+# another format is refused by readers (check_manifest) and must be published anew.
+KEY_FORMAT = 2
 LOCK_TTL_S = 30.0  # a publisher that died holds the lock this long at most
 WRITE_BATCH_ROWS = 20_000  # rows per pipeline round trip while publishing
 
@@ -59,17 +71,22 @@ class Layout:
     def lock_key(self) -> str:
         return f"ctr:lock:{self.version}"
 
-    def hash_key(self, field: int, value: str) -> str:
-        return self.partition_key(field, zlib.crc32(value.encode()) % self.partitions)
+    def hash_key(self, field: int, key: str) -> str:
+        """The hash holding value key ``key`` (``value_key``) of field number ``field``."""
+        return self.partition_key(field, zlib.crc32(key.encode()) % self.partitions)
 
     def partition_key(self, field: int, partition: int) -> str:
         return f"ctr:rows:{{{self.version}:f{field}:p{partition}}}"
+
+    def partition_keys(self, fields: int) -> list[str]:
+        return [self.partition_key(j, p) for j in range(fields) for p in range(self.partitions)]
 
 
 def manifest(checkpoint: Checkpoint, partitions: int) -> dict[str, Any]:
     """What a complete publish of ``checkpoint`` records; readers check it field by field."""
     return {
         "version": checkpoint.version,
+        "key_format": KEY_FORMAT,
         "fields": [f.name for f in checkpoint.features.embedded_fields],
         "partitions": partitions,
         "row_floats": 1 + checkpoint.config.embed_dim,
@@ -79,11 +96,21 @@ def manifest(checkpoint: Checkpoint, partitions: int) -> dict[str, Any]:
 
 async def read_manifest(client: RedisClient, version: str) -> dict[str, Any] | None:
     """The manifest of ``version``, or None when that version is not (completely) published."""
-    raw = await client.get(f"ctr:manifest:{version}")
+    raw = await client.get(Layout(version, 0).manifest_key)
     if raw is None:
         return None
     found: dict[str, Any] = orjson.loads(raw)
     return found
+
+
+async def missing_partitions(client: RedisClient, layout: Layout, fields: int) -> list[str]:
+    """The partition hashes of a published version that Redis no longer holds."""
+    keys = layout.partition_keys(fields)
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.exists(key)
+    found = await pipe.execute()
+    return [key for key, there in zip(keys, found, strict=True) if not there]
 
 
 class PublishFailed(Exception):
@@ -118,17 +145,34 @@ async def publish(
     """
     layout = Layout(checkpoint.version, partitions)
     expected = manifest(checkpoint, partitions)
+    fields = len(expected["fields"])
     lock = client.lock(layout.lock_key, timeout=LOCK_TTL_S, blocking=True, thread_local=False)
     while True:
         if (found := await read_manifest(client, layout.version)) is not None:
             check_manifest(found, expected)
-            return False
+            if not await missing_partitions(
+                client, Layout(layout.version, found["partitions"]), fields
+            ):
+                return False
         if await lock.acquire(blocking_timeout=1.0):
             break
     try:
         if (found := await read_manifest(client, layout.version)) is not None:
             check_manifest(found, expected)
-            return False
+            # Published, but some of its hashes are gone: write it again, in the layout
+            # the replicas already read (the manifest's partition count), and mark it
+            # complete again only once every row is back.
+            layout = Layout(layout.version, int(found["partitions"]))
+            gone = await missing_partitions(client, layout, fields)
+            if not gone:
+                return False
+            log.warning(
+                "%d partition hashes of %s are gone (a node restarted empty?): publishing again",
+                len(gone),
+                layout.version,
+            )
+            await client.delete(layout.manifest_key)
+            expected["partitions"] = layout.partitions
         started = time.perf_counter()
         try:
             full = checkpoint if tables is None else await asyncio.to_thread(tables)
@@ -156,7 +200,9 @@ async def _write_rows(
     client: RedisClient, checkpoint: Checkpoint, layout: Layout, lock: Any
 ) -> None:
     pipe = client.pipeline(transaction=False)
-    pending = 0
+    for key in layout.partition_keys(len(checkpoint.features.embedded_fields)):
+        pipe.hset(key, SENTINEL, b"1")
+    pending = len(layout.partition_keys(len(checkpoint.features.embedded_fields)))
     for j, f in enumerate(checkpoint.features.embedded_fields):
         assert f.vocab is not None
         rows = checkpoint.table_rows(j)[1:].numpy().astype(ROW_DTYPE)
@@ -178,12 +224,12 @@ async def _write_rows(
 def _partitions(
     layout: Layout, field: int, values: Sequence[str], rows: np.ndarray
 ) -> dict[str, dict[bytes, bytes]]:
-    """Hash key -> {value: packed row} for one field."""
+    """Hash key -> {value key: packed row} for one field."""
     width = rows.shape[1] * ROW_DTYPE.itemsize
     blob = rows.tobytes()
     out: dict[str, dict[bytes, bytes]] = {}
     for i, value in enumerate(values):
-        raw = value.encode()
+        raw = value_key(value).encode()
         key = layout.partition_key(field, zlib.crc32(raw) % layout.partitions)
         out.setdefault(key, {})[raw] = blob[i * width : (i + 1) * width]
     return out

@@ -37,10 +37,12 @@ from app.embeddings import EmbeddingStore, Encoded, Row, StoreState
 from app.metrics import Metrics
 from app.publish import (
     ROW_DTYPE,
+    SENTINEL,
     Layout,
     PublishFailed,
     check_manifest,
     manifest,
+    missing_partitions,
     publish,
     read_manifest,
 )
@@ -100,6 +102,8 @@ class RedisStore(EmbeddingStore):
         self._tables_of = self._source_of(checkpoint, model)
         # None while Redis serves; else what went wrong first in this episode.
         self._failure: FailureKind | None = "unavailable"
+        self._reason = "not connected yet"  # what went wrong last, while degraded
+        self._cause = ""  # the kind of failure last logged (see _cause)
         self._started = False  # before start(), "degraded" is no episode of its own
         self._failure_lock = threading.Lock()
         self._wake = asyncio.Event()
@@ -108,6 +112,7 @@ class RedisStore(EmbeddingStore):
         self._lookups = {t: metrics.lookups.labels(t) for t in ("lru", "redis", "tables")}
         self._hits = {t: metrics.hits.labels(t) for t in ("lru", "redis", "tables")}
         self._fallbacks = {r: metrics.fallbacks.labels(r) for r in get_args(FailureKind)}
+        self._missing = metrics.missing
 
     def _source_of(self, checkpoint: Checkpoint, model: DeepFM) -> Callable[[], Checkpoint]:
         """How to get the tables to publish: the model's, else the checkpoint on disk."""
@@ -135,17 +140,26 @@ class RedisStore(EmbeddingStore):
         try:
             await self._connect(PROBE_TIMEOUT_S)
         except Exception as exc:
-            self._degrade("unavailable", f"{type(exc).__name__}: {exc}")
+            self._degrade("unavailable", f"{type(exc).__name__}: {exc}", _cause(exc))
         else:
             self._recover()
         self._watcher = asyncio.create_task(self._watch(), name="redis-store-watcher")
 
     async def _connect(self, timeout_s: float) -> None:
         """Read this version's manifest within ``timeout_s``, publishing the version first
-        when Redis lacks it."""
+        when Redis lacks it or any of its partition hashes."""
         found = await asyncio.wait_for(read_manifest(self._client, self._version), timeout_s)
+        if found is not None:
+            check_manifest(found, self._expected)
+            layout = Layout(self._version, int(found["partitions"]))
+            fields = len(self._expected["fields"])
+            gone = await asyncio.wait_for(
+                missing_partitions(self._client, layout, fields), timeout_s
+            )
+            if gone:  # (publish says how many, and writes them again)
+                found = None
         if found is None:
-            log.info("%s is not published in Redis: publishing it", self._version)
+            log.info("%s is not (completely) published in Redis: publishing it", self._version)
             # Under the publish lock, so of the replicas that find the version missing,
             # one loads the tables (when it does not hold them) and the others wait.
             await publish(self._client, self._checkpoint, self._partitions, self._tables_of)
@@ -168,10 +182,12 @@ class RedisStore(EmbeddingStore):
                     # The batch budget: a Redis too slow for batches is not back.
                     await self._connect(self._timeout_s if self._layout else PROBE_TIMEOUT_S)
                 except PublishFailed as exc:
-                    log.warning("publishing %s failed: %s", self._version, exc.__cause__)
+                    self._still_degraded(f"publishing failed: {exc.__cause__}", _cause(exc))
                     delay, successes = min(delay * 2, MAX_BACKOFF_S), 0
                 except Exception as exc:
-                    log.debug("redis still unavailable: %s", exc)
+                    # Down, refusing, a wrong password, a manifest of another checkpoint:
+                    # retried all the same (an operator may fix it), and said once.
+                    self._still_degraded(f"{type(exc).__name__}: {exc}", _cause(exc))
                     successes = 0
                 else:
                     successes += 1
@@ -188,7 +204,7 @@ class RedisStore(EmbeddingStore):
         pipe = self._client.pipeline(transaction=False)
         pipe.exists(layout.manifest_key)
         for key, fields in requests:
-            pipe.hmget(key, fields)
+            pipe.hmget(key, [SENTINEL, *fields])
         replies: list[Any] = await asyncio.wait_for(pipe.execute(), self._timeout_s)
         return replies
 
@@ -198,12 +214,25 @@ class RedisStore(EmbeddingStore):
     def state(self) -> StoreState:
         return "ok" if self._failure is None else "degraded"
 
-    def _degrade(self, kind: FailureKind, detail: str) -> None:
+    @property
+    def reason(self) -> str | None:
+        return None if self._failure is None else self._reason
+
+    def _still_degraded(self, reason: str, cause: str) -> None:
+        """A probe failed: /readyz shows why, and a warning says it once per cause (a
+        wrong password, a foreign manifest: not what began the episode)."""
+        self._reason = reason
+        if cause != self._cause:
+            self._cause = cause
+            log.warning("redis tier still degraded: %s", reason)
+
+    def _degrade(self, kind: FailureKind, detail: str, cause: str) -> None:
         """Enter (or stay in) a degraded episode: logged once, whatever its batches."""
         with self._failure_lock:
             first = self._failure is None or not self._started
             if first:
                 self._failure = kind
+                self._reason, self._cause = f"{kind}: {detail}", cause
             self._started = True
         self._metrics.store_degraded.set(1)
         if first:
@@ -235,8 +264,11 @@ class RedisStore(EmbeddingStore):
             slots[:, j] = cache.slots(j, column)
         missed = slots == MISS
         misses = int(np.count_nonzero(missed))
-        self._lookups["lru"].inc(slots.size)
-        self._hits["lru"].inc(slots.size - misses)
+        # A missing value (None) is no lookup: it has its OOV slot, never a miss.
+        missing = int(np.count_nonzero(slots >= cache.capacity))
+        self._missing.inc(missing)
+        self._lookups["lru"].inc(slots.size - missing)
+        self._hits["lru"].inc(slots.size - missing - misses)
         if not misses:
             return torch.from_numpy(cache.rows(slots)), dense
         out = np.empty((*slots.shape, self._width), dtype=np.float32)
@@ -266,12 +298,13 @@ class RedisStore(EmbeddingStore):
             try:
                 rows = self._from_redis(layout, keys)
             except MissingVersion as exc:
-                self._degrade("missing_version", str(exc))
-            except TimeoutError:  # (concurrent.futures' and asyncio's too)
-                self._degrade("timeout", f"lookups took over {self._timeout_s * 1000:.0f} ms")
+                self._degrade("missing_version", str(exc), _cause(exc))
+            except TimeoutError as exc:  # (concurrent.futures' and asyncio's too)
+                budget = f"lookups took over {self._timeout_s * 1000:.0f} ms"
+                self._degrade("timeout", budget, _cause(exc))
             except Exception as exc:  # whatever it is, the lower tiers can answer
                 log.debug("redis lookup failed", exc_info=True)
-                self._degrade("unavailable", f"{type(exc).__name__}: {exc}")
+                self._degrade("unavailable", f"{type(exc).__name__}: {exc}", _cause(exc))
             else:
                 self._cache.insert(keys, rows)
                 return rows
@@ -301,8 +334,12 @@ class RedisStore(EmbeddingStore):
         rows = self._oov[[j for j, _ in keys]]  # absent from Redis: OOV
         present: list[int] = []
         packed: list[bytes] = []
-        for members, values in zip(groups.values(), replies[1:], strict=True):
-            for i, value in zip(members, values, strict=True):
+        for (key, _), (members, values) in zip(
+            requests, zip(groups.values(), replies[1:], strict=True), strict=True
+        ):
+            if values[0] is None:  # the sentinel: the hash is gone, absence proves nothing
+                raise MissingVersion(f"the hash {key} of {self._version} is gone from Redis")
+            for i, value in zip(members, values[1:], strict=True):
                 if value is not None:
                     present.append(i)
                     packed.append(value)
@@ -325,3 +362,15 @@ class RedisStore(EmbeddingStore):
         self._hits["tables"].inc(hits)
         self._metrics.oov.inc(len(keys) - hits)
         return self._tables[ids + np.array([self._offsets[j] for j, _ in keys], dtype=np.int64)]
+
+
+def _cause(exc: BaseException) -> str:
+    """The kind of a failure, as far as telling an operator twice goes: a time-out, a
+    missing version, a failed publish, else the exception's type."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, MissingVersion):
+        return "missing_version"
+    if isinstance(exc, PublishFailed):
+        return "publish"
+    return type(exc).__name__

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
@@ -16,13 +17,16 @@ from starlette.routing import Route
 from app.errors import (
     ClientGone,
     Conflict,
+    Forbidden,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
 )
 from app.runtime import Runtime
 from app.schemas import (
+    ErrorResponse,
     PredictManyResponse,
     PredictResponse,
     ReloadRequest,
@@ -32,6 +36,7 @@ from app.schemas import (
 )
 
 JSON = "application/json"
+RELOAD_BODY = TypeAdapter(ReloadRequest)
 
 
 # The prediction routes take the runtime and check the key themselves (see
@@ -65,16 +70,32 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     )
 
 
-async def json_body(request: Request) -> bytes:
-    """The raw body of a JSON request."""
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != JSON and not (media.startswith("application/") and media.endswith("+json")):
-        raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
+async def json_body(request: Request, *, optional: bool = False, untyped: bool = False) -> bytes:
+    """The raw body of a JSON request, else 415. ``optional``: an empty body needs no
+    content type; ``untyped``: no content type at all is taken as JSON (Triton's
+    clients send none)."""
     try:
-        return await request.body()
+        raw = await request.body()
     except ClientDisconnect:
         raise ClientGone("the client closed the connection") from None
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    is_json = media == JSON or (media.startswith("application/") and media.endswith("+json"))
+    if not is_json and not (optional and not raw) and not (untyped and not content_type):
+        raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
+    return raw
+
+
+def checkpoint_dir(root: Path, given: str) -> Path:
+    """The checkpoint directory a reload names: relative to the models ``root``, or an
+    absolute path inside it; 403 when it lies outside (``..``, a symlink that leaves the
+    root)."""
+    if "\0" in given:
+        raise NotFound("no path holds a NUL character")
+    resolved = (root / given).resolve()
+    if not resolved.is_relative_to(root):
+        raise Forbidden(f"model_dir {given!r} lies outside the models root {str(root)!r}")
+    return resolved
 
 
 def validate(body: bytes, adapter: TypeAdapter[Any]) -> Any:
@@ -85,11 +106,33 @@ def validate(body: bytes, adapter: TypeAdapter[Any]) -> Any:
         raise InvalidRequest(error_details(exc)) from None
 
 
-def body_schema(adapter: TypeAdapter[Any], components: dict[str, Any]) -> dict[str, Any]:
+def body_schema(
+    adapter: TypeAdapter[Any], components: dict[str, Any], *, required: bool = True
+) -> dict[str, Any]:
     """An OpenAPI requestBody for ``adapter``; its definitions go to ``components``."""
     schema = adapter.json_schema(ref_template="#/components/schemas/{model}")
     components.update(schema.pop("$defs", {}))
-    return {"required": True, "content": {JSON: {"schema": schema}}}
+    return {"required": required, "content": {JSON: {"schema": schema}}}
+
+
+ERROR_MEANINGS = {
+    401: "the API key is missing or wrong",
+    403: "the admin endpoints are off, or the path lies outside the models root",
+    404: "no checkpoint at that path",
+    409: "not possible in this configuration",
+    413: "the body, or its number of rows, is over its limit",
+    415: "the body is not declared as JSON",
+    422: "the body is malformed, or names or holds what the model refuses",
+    503: "overloaded (retry after Retry-After) or shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for the errors an operation answers, in the native error shape."""
+    return {
+        status: {"description": ERROR_MEANINGS[status], "model": ErrorResponse}
+        for status in statuses
+    }
 
 
 async def predict(request: Request) -> Response:
@@ -146,6 +189,9 @@ def prediction_routes() -> list[Route]:
     ]
 
 
+PREDICTION_ERRORS = (401, 413, 415, 422, 503)
+
+
 def prediction_docs(
     schemas: RequestSchemas, max_instances: int, components: dict[str, Any]
 ) -> APIRouter:
@@ -167,6 +213,7 @@ def prediction_docs(
         predict,
         methods=["POST"],
         response_model=PredictResponse,
+        responses=error_responses(*PREDICTION_ERRORS),
         openapi_extra={"requestBody": body_schema(schemas.predict, components), **key_header},
         summary="Click probability of one row",
     )
@@ -175,6 +222,7 @@ def prediction_docs(
         predict_many,
         methods=["POST"],
         response_model=PredictManyResponse,
+        responses=error_responses(*PREDICTION_ERRORS),
         openapi_extra={
             "requestBody": body_schema(schemas.predict_many, components),
             **key_header,
@@ -197,39 +245,58 @@ def build_router() -> APIRouter:
     async def healthz() -> Response:
         return json_response({"status": "ok"})
 
-    @router.get("/readyz", summary="A model is loaded and the service can answer")
+    @router.get(
+        "/readyz",
+        summary="A model is loaded and the service can answer",
+        responses={503: {"description": "not ready (shutting down)"}},
+    )
     async def readyz(runtime: RuntimeDep) -> Response:
         ready = runtime.ready
+        store = runtime.model.store
+        described = {"backend": store.backend, "state": store.state}
+        if (reason := store.reason) is not None:
+            described["reason"] = reason
         body = {
             "status": "ready" if ready else "not ready",
             "model_version": runtime.model.version,
-            "embedding_store": {
-                "backend": runtime.model.store.backend,
-                "state": runtime.model.store.state,
-            },
+            "embedding_store": described,
         }
         return json_response(body, 200 if ready else 503)
 
-    @router.get("/model", dependencies=keyed, summary="The loaded model's metadata")
+    @router.get(
+        "/model",
+        dependencies=keyed,
+        summary="The loaded model's metadata",
+        responses=error_responses(401),
+    )
     async def model_info(runtime: RuntimeDep) -> Response:
         return json_response(runtime.model.describe())
 
     @router.post(
         "/admin/reload",
-        dependencies=keyed,
         response_model=ReloadResponse,
         summary="Load, verify and swap in a checkpoint without failing a request",
-        responses={422: {"description": "the checkpoint does not load or verify"}},
+        openapi_extra={"requestBody": body_schema(RELOAD_BODY, {}, required=False)},
+        responses=error_responses(401, 403, 404, 409, 413, 415, 422, 503),
     )
-    async def reload(
-        runtime: RuntimeDep, body: Annotated[ReloadRequest | None, Body()] = None
-    ) -> Response:
-        if runtime.settings.workers > 1:
+    async def reload(request: Request, runtime: RuntimeDep) -> Response:
+        authorize(request, runtime)
+        settings = runtime.settings
+        if not settings.admin_enabled:
+            raise Forbidden(
+                "the admin endpoints are off: set CTR_API_KEY to use them behind the key, "
+                "or CTR_ADMIN_ENDPOINTS=true on a network you trust"
+            )
+        raw = await json_body(request, optional=True)
+        body = validate(raw, RELOAD_BODY) if raw.strip() else ReloadRequest()
+        if settings.workers > 1:
             raise Conflict(
                 "with CTR_WORKERS > 1 a reload would reach one worker: send SIGHUP to the "
                 "server process instead (uvicorn restarts every worker on CTR_MODEL_DIR)"
             )
-        directory = body.model_dir if body is not None else None
+        directory = None
+        if body.model_dir is not None:
+            directory = checkpoint_dir(settings.reload_root, body.model_dir)
         version, previous = await runtime.reload(directory)
         return json_response({"model_version": version, "previous_version": previous})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -17,12 +18,12 @@ import torch
 from app.batching import BatcherClosed, MicroBatcher
 from app.config import Settings
 from app.embeddings import EmbeddingStore, MemoryStore, Row
-from app.errors import InvalidCheckpoint, NotReady, Overloaded
+from app.errors import InvalidCheckpoint, NotFound, NotReady, Overloaded
 from app.metrics import Metrics
 from app.redisclient import connect
 from app.redisstore import RedisStore
 from app.serving import Explained, ServingModel
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.checkpoint import SPEC_FILE, Checkpoint, CheckpointError, load_checkpoint
 from model.deepfm import DeepFM
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ async def load_serving_model(
     store = open_store(settings, checkpoint, model, metrics)
     try:
         await store.start()
-    except BaseException:
-        await store.aclose()
+        serving = ServingModel(checkpoint, model, store, metrics, settings)
+        await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
+    except BaseException:  # (cancelled too: a started store has a task and a client)
+        await asyncio.shield(store.aclose())
         raise
-    serving = ServingModel(checkpoint, model, store, metrics, settings)
-    await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
     return serving
 
 
@@ -88,10 +89,19 @@ class Runtime:
         self.metrics = metrics
         self.model = model
         self._batcher: MicroBatcher[Call, Result] = MicroBatcher(
-            self._process, settings.batch_max, name="forward"
+            self._process,
+            settings.batch_max,
+            name="forward",
+            rows=lambda call: len(call[1]),
+            max_rows=settings.chunk_rows,
         )
         self._closing = False
         self._reload_lock = asyncio.Lock()
+        # Rows of the calls accepted and not answered yet, and the calls of each model
+        # (by id) under way: a replaced model's store closes once it has none.
+        self._queued_rows = 0
+        self._calls_of: collections.Counter[int] = collections.Counter()
+        self._call_ended = asyncio.Condition()
 
     @classmethod
     async def start(
@@ -132,6 +142,12 @@ class Runtime:
             if self._closing:
                 raise NotReady("the service is shutting down")
             old = self.model
+            if not (directory / SPEC_FILE).is_file():
+                self.metrics.reloads.labels("failed").inc()
+                log.error(
+                    "reload refused, still serving %s: no checkpoint at %s", old.version, directory
+                )
+                raise NotFound(f"no checkpoint at {directory} (no {SPEC_FILE})")
             try:
                 checkpoint = await asyncio.to_thread(
                     load_checkpoint, directory, tables=self.settings.tables_in_process
@@ -157,18 +173,20 @@ class Runtime:
                 raise NotReady(f"{refusal}; still serving {old.version}")
             self.model = new  # the swap: calls validated from now on use the new model
             await self._retire(old)
-            self.metrics.model_info.labels(old.version).set(0)
+            with contextlib.suppress(KeyError):  # (the same version reloaded)
+                self.metrics.model_info.remove(old.version)
             self.metrics.model_info.labels(new.version).set(1)
             self.metrics.reloads.labels("ok").inc()
             log.info("reloaded: serving %s from %s", new.version, directory)
             return new.version, old.version
 
     async def _retire(self, old: ServingModel) -> None:
-        """Close the replaced model's store once no queued call can use it."""
-        # Calls queued before the swap name the old model; a call queued now is
-        # processed after them all.
-        with contextlib.suppress(Exception):  # its batch failing still means it ran
-            await self._batcher.submit((self.model, [], False))
+        """Close the replaced model's store once no call can use it."""
+        # Calls validated before the swap name the old model: the chunks of a big one may
+        # still be queued after the swap.
+        key = id(old)
+        async with self._call_ended:
+            await self._call_ended.wait_for(lambda: not self._calls_of[key])
         await old.store.aclose()
         del old
         gc.unfreeze()  # the old model's objects were frozen with the rest
@@ -183,18 +201,52 @@ class Runtime:
     ) -> tuple[float, str, Explained | None]:
         """The probability of one row, by ``model`` (the model its request was validated
         against), and its version."""
-        probabilities, version, explained = await self._submit((model, [features], explain))
+        probabilities, version, explained = await self.predict_many(model, [features], explain)
         return float(probabilities[0]), version, explained[0] if explained else None
 
     async def predict_many(
         self, model: ServingModel, instances: Sequence[Row], explain: bool = False
     ) -> Result:
-        return await self._submit((model, instances, explain))
+        """The probabilities of ``instances`` by ``model``, and its version. A call of more
+        than CTR_CHUNK_ROWS rows is scored a chunk at a time, each chunk queued once the
+        one before is done: the calls that arrive meanwhile take turns with it, instead
+        of waiting for all of it."""
+        rows = len(instances)
+        self._admit(rows)
+        self._calls_of[id(model)] += 1
+        try:
+            chunk = self.settings.chunk_rows
+            if rows <= chunk:
+                return await self._submit((model, instances, explain))
+            parts = [
+                await self._submit((model, instances[start : start + chunk], explain))
+                for start in range(0, rows, chunk)
+            ]
+        finally:
+            self._queued_rows -= rows
+            self._calls_of[id(model)] -= 1
+            if not self._calls_of[id(model)]:
+                del self._calls_of[id(model)]
+                async with self._call_ended:
+                    self._call_ended.notify_all()
+        explanations = [e for _, _, part in parts for e in part or ()] if explain else None
+        return np.concatenate([p for p, _, _ in parts]), parts[0][1], explanations
+
+    def _admit(self, rows: int) -> None:
+        """503 when the queue is full: in calls, or in rows (an empty queue takes any)."""
+        settings = self.settings
+        if self._batcher.queued >= settings.max_queued:
+            self.metrics.overloaded.inc()
+            raise Overloaded(f"{settings.max_queued} calls are already queued; retry shortly")
+        if self._queued_rows and self._queued_rows + rows > settings.max_queued_rows:
+            self.metrics.overloaded.inc()
+            raise Overloaded(
+                f"{self._queued_rows} rows are already queued (at most "
+                f"{settings.max_queued_rows}); retry shortly"
+            )
+        self._queued_rows += rows
 
     async def _submit(self, call: Call) -> Result:
-        if self._batcher.queued >= self.settings.max_queued:
-            self.metrics.overloaded.inc()
-            raise Overloaded(f"{self.settings.max_queued} calls are already queued; retry shortly")
         try:
             return await self._batcher.submit(call)
         except BatcherClosed:

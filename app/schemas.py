@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, NotRequired
 
 from pydantic import (
@@ -18,36 +17,50 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     Strict,
-    StringConstraints,
     TypeAdapter,
     ValidationError,
 )
+from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypedDict
 
 from model.features import FeatureSpec
 
 DenseValue = Annotated[float | None, Strict(), AllowInfNan(False)]
-# A sparse integer is an int64, as ids are: its decimal string is at most 20 characters.
-SparseInt = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+INT64 = Field(ge=-(2**63), le=2**63 - 1)
+# A sparse integer is an int64, as ids are.
+SparseInt = Annotated[int, Strict(), INT64]
 
 
-def sparse_value(max_chars: int) -> Any:
-    """A string of at most ``max_chars`` characters, an int64, or null.
-
-    left_to_right: a string is tried first and most values are strings (about 20% faster
-    than the smart mode on a 1000-row body). The bound on strings bounds what a cached
-    value costs (the Redis store's cache keeps the values it has seen).
-    """
-    text = Annotated[str, Strict(), StringConstraints(max_length=max_chars)]
-    return Annotated[text | SparseInt | None, Field(union_mode="left_to_right")]
+def _integral(value: Any) -> int:
+    """A JSON float that is an int64 (12.0), as that integer; not an int beyond int64's
+    range, which a float member of the union would otherwise round into it."""
+    if type(value) is not float or not value.is_integer() or not -(2**63) <= value < 2**63:
+        raise ValueError("not an integer")
+    return int(value)
 
 
-SPARSE_MEMBERS = frozenset({"constrained-str", "constrained-int"})
+# 12.0 is the integer 12: JSON Schema's "integer" admits it, and clients that only have
+# doubles (JavaScript) cannot write it otherwise. Left out of the JSON schema, whose
+# "integer" already says it.
+IntegralFloat = SkipJsonSchema[Annotated[float, PlainValidator(_integral)]]
+# left_to_right: a string is tried first and most values are strings (about 20% faster
+# than the smart mode on a 1000-row body). Strings of any length: a long value is looked
+# up by a digest of it (model.features.value_key), so what a cached value costs is
+# bounded whatever its length.
+SparseValue = Annotated[
+    Annotated[str, Strict()] | SparseInt | IntegralFloat | None,
+    Field(union_mode="left_to_right"),
+]
+SPARSE_MEMBERS = frozenset({"str", "constrained-int", "function-plain[_integral()]"})
+# What the members of the union say (the loc's last item names the member; a field may
+# have a member's name too, but not these errors of its own).
 SPARSE_MEMBER_ERRORS = frozenset(
-    {"string_type", "int_type", "string_too_long", "greater_than_equal", "less_than_equal"}
+    {"string_type", "int_type", "greater_than_equal", "less_than_equal", "value_error"}
 )
 SPARSE_MESSAGE = "a sparse value must be a string, an integer or null"
+INT64_MESSAGE = "a sparse integer must fit in 64 bits"
 DENSE_MESSAGE = "a dense value must be a finite number or null"
 
 
@@ -82,8 +95,19 @@ class PredictManyResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_dir: Path | None = Field(
-        None, description="checkpoint directory to load (default: CTR_MODEL_DIR)"
+    model_dir: str | None = Field(
+        None,
+        description="checkpoint directory to load, relative to the models root (or an "
+        "absolute path inside it); default: CTR_MODEL_DIR",
+        examples=["default"],
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the native endpoints: a message, or one item per bad value."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description='a message, or items {"type", "loc", "msg"} naming each bad value'
     )
 
 
@@ -94,15 +118,14 @@ class ReloadResponse(BaseModel):
     previous_version: str
 
 
-def features_type(spec: FeatureSpec, max_value_chars: int) -> Any:
+def features_type(spec: FeatureSpec) -> Any:
     """A TypedDict with one optional key per field; unknown keys are refused.
 
     Validation yields plain dicts (field name -> raw value), no model objects.
     """
     fields: dict[str, Any] = {}
-    sparse = sparse_value(max_value_chars)
     for f in spec.fields:
-        kind = DenseValue if f.kind == "dense" else sparse
+        kind = DenseValue if f.kind == "dense" else SparseValue
         missing = "the transform's missing value" if f.kind == "dense" else "the OOV row"
         description = f"{f.kind} ({f.transform}); missing or null: {missing}"
         fields[f.name] = Annotated[kind, Field(description=description)]
@@ -126,8 +149,8 @@ class RequestSchemas:
     predict_many: TypeAdapter[Any]
 
     @classmethod
-    def build(cls, spec: FeatureSpec, max_value_chars: int) -> RequestSchemas:
-        features = features_type(spec, max_value_chars)
+    def build(cls, spec: FeatureSpec) -> RequestSchemas:
+        features = features_type(spec)
         described = Annotated[features, Field(description="field name -> raw value")]  # type: ignore[valid-type]
         explain = NotRequired[
             Annotated[bool, Strict(), Field(description="also split each logit into parts")]
@@ -149,16 +172,13 @@ def error_details(exc: ValidationError) -> list[dict[str, Any]]:
         kind, msg = error["type"], error["msg"]
         if loc and loc[-1] in SPARSE_MEMBERS and kind in SPARSE_MEMBER_ERRORS:
             # One error per member of the sparse union (the last loc item names it): say
-            # the one about what the value is ("too long", "not 64-bit"), else the type.
+            # once what is wrong with the value.
             loc, value = loc[:-1], error.get("input")
-            if (kind == "string_type" and type(value) is int) or (
-                kind == "int_type" and type(value) is str
-            ):
-                continue
-            if kind in ("string_type", "int_type"):
-                msg, kind = SPARSE_MESSAGE, "sparse_type"
-            elif kind in ("greater_than_equal", "less_than_equal"):
-                msg, kind = "a sparse integer must fit in 64 bits", "sparse_type"
+            integer = type(value) is int or (
+                type(value) is float and math.isfinite(value) and value.is_integer()
+            )
+            # (an integer that fails every member is out of int64's range)
+            msg, kind = (INT64_MESSAGE if integer else SPARSE_MESSAGE), "sparse_type"
         elif kind in ("float_type", "finite_number"):
             msg, kind = DENSE_MESSAGE, "dense_type"
         elif kind == "extra_forbidden":

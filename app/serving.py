@@ -41,7 +41,7 @@ class ServingModel:
         self.checkpoint = checkpoint
         self.version = checkpoint.version
         self.features = checkpoint.features
-        self.schemas = RequestSchemas.build(checkpoint.features, settings.max_value_chars)
+        self.schemas = RequestSchemas.build(checkpoint.features)
         self.store = store
         self._model = model
         self._metrics = metrics

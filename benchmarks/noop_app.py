@@ -19,7 +19,7 @@ from model.checkpoint import load_checkpoint
 def create_app() -> FastAPI:
     settings = Settings()
     features = load_checkpoint(settings.model_dir).features
-    schemas = RequestSchemas.build(features, settings.max_value_chars)
+    schemas = RequestSchemas.build(features)
     version = "noop"
     app = FastAPI(title="ctr-serve no-op floor")
 

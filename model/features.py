@@ -19,6 +19,11 @@ Every input column is one field, with a transform:
 A missing dense value becomes the field's ``missing`` value (0.0: the mean after
 ``standard``, a count of zero after ``log``); a missing or unseen sparse value
 is index 0.
+
+A category value of any length is valid. Values longer than ``KEY_CHARS`` are
+looked up by a fixed-size digest (``value_key``), in the vocabulary as in a
+server's row cache and in Redis, so what a looked-up value costs to keep is
+bounded whatever its length (URLs, user agents, search queries).
 """
 
 from __future__ import annotations
@@ -39,9 +44,22 @@ EMBEDDED_TRANSFORMS: frozenset[str] = frozenset({"category", "bucket"})
 DENSE_TRANSFORMS: frozenset[str] = frozenset({"log", "standard"})
 SPARSE_INPUT_TRANSFORMS: frozenset[str] = frozenset({"category"})
 
+KEY_CHARS = 64  # a longer category value is looked up by its digest
+# A vocabulary holds one value a line, so no value contains "\n": no value is a digest key.
+DIGEST_MARK = "\n#"
+
 FloatArray = npt.NDArray[np.float64]
 ObjectArray = npt.NDArray[np.object_]
 Columns = Mapping[str, npt.NDArray[Any]]
+
+
+def value_key(value: str) -> str:
+    """How a category value is looked up: itself, or past ``KEY_CHARS`` characters a
+    128-bit digest of it (34 characters, whatever the value's length)."""
+    if len(value) <= KEY_CHARS:
+        return value
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16)
+    return DIGEST_MARK + digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -52,18 +70,23 @@ class Vocabulary:
 
     @cached_property
     def index(self) -> dict[str | None, int]:
-        """Value -> index; look up with ``.get(value, 0)``."""
-        return {value: i for i, value in enumerate(self.values, start=1)}
+        """Lookup key (``value_key``) -> index; look up with ``.get(key, 0)``."""
+        return {value_key(value): i for i, value in enumerate(self.values, start=1)}
 
     def __len__(self) -> int:
         return len(self.values)
 
     def lookup(self, values: ObjectArray) -> npt.NDArray[np.int64]:
         """Indices of ``values`` (str or None); unseen and missing give 0."""
-        # map() with dict.get runs in C: no Python loop per row.
-        return np.fromiter(
-            map(self.index.get, values, repeat(0)), dtype=np.int64, count=len(values)
-        )
+        # map() with dict.get runs in C: no Python loop per row. A long value is not
+        # found by itself (the index holds its digest): those few are looked up again.
+        index = self.index
+        ids = np.fromiter(map(index.get, values, repeat(0)), dtype=np.int64, count=len(values))
+        for i in np.flatnonzero(ids == 0).tolist():
+            value = values[i]
+            if value is not None and len(value) > KEY_CHARS:
+                ids[i] = index.get(value_key(value), 0)
+        return ids
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_text().encode()).hexdigest()
@@ -272,7 +295,12 @@ class FeatureSpec:
         ids[:, plan.category_columns] = np.array(
             [
                 [
-                    index.get(v if (v := row.get(name)).__class__ is str else _category(v), 0)
+                    index.get(
+                        v
+                        if (v := row.get(name)).__class__ is str and len(v) <= KEY_CHARS
+                        else _category(v),
+                        0,
+                    )
                     for name, index in lookups
                 ]
                 for row in rows
@@ -287,8 +315,8 @@ class FeatureSpec:
     def categorize_rows(
         self, rows: Sequence[Mapping[str, Any]]
     ) -> tuple[list[list[str | None]], npt.NDArray[np.float32]]:
-        """Rows of raw values -> (per embedded field, every row's category string or None;
-        dense ``B x D`` float32).
+        """Rows of raw values -> (per embedded field, every row's category lookup key
+        (``value_key``) or None; dense ``B x D`` float32).
 
         The path of a server that reads embedding rows by raw value and holds no
         vocabulary: ``encode_rows`` is this followed by the vocabulary lookups, which
@@ -300,7 +328,9 @@ class FeatureSpec:
         if plan.category_names and rows:
             by_row = [
                 [
-                    v if (v := row.get(name)).__class__ is str else _category(v)
+                    v
+                    if (v := row.get(name)).__class__ is str and len(v) <= KEY_CHARS
+                    else _category(v)
                     for name in plan.category_names
                 ]
                 for row in rows
@@ -310,6 +340,12 @@ class FeatureSpec:
         for j, position in plan.bucket_columns:
             columns[j] = bucketize(raw_dense[:, position]).tolist()
         return columns, self.transform_dense(raw_dense[:, plan.dense_columns])
+
+    def count_missing(self, rows: Sequence[Mapping[str, Any]], ids: npt.NDArray[np.int64]) -> int:
+        """How many embedded values of ``rows`` are missing (absent or null), given their
+        ids (``encode_rows``): of the ids 0, those whose value is missing, not unseen."""
+        names = [f.name for f in self.embedded_fields]
+        return sum(rows[i].get(names[j]) is None for i, j in np.argwhere(ids == 0).tolist())
 
     def to_json(self) -> list[dict[str, Any]]:
         return [f.to_json() for f in self.fields]
@@ -337,8 +373,11 @@ class FeatureSpec:
 
 
 def _category(value: Any) -> str | None:
-    """A raw sparse value as its category: None stays missing, an integer its decimal string."""
-    return None if value is None else str(value)
+    """A raw sparse value's lookup key: None stays missing, an integer is its decimal
+    string, a long string its digest."""
+    if value is None:
+        return None
+    return value_key(value if value.__class__ is str else str(value))
 
 
 @dataclass(frozen=True)

@@ -1,48 +1,85 @@
-"""Fuzzing the running service (``python -m app`` over real HTTP): schemathesis over every
-operation of its own /openapi.json, and hypothesis throwing arbitrary JSON and bytes
-at both prediction endpoints. Never a 5xx; every answer has its documented shape."""
+"""Fuzzing the running service (``python -m app`` over real HTTP): schemathesis's own run
+over every operation of its /openapi.json (every phase, every check) in both stores, and
+hypothesis throwing arbitrary JSON and bytes at both prediction endpoints. Never a 5xx;
+every answer is documented and has its documented shape."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis.checks import (
-    content_type_conformance,
-    not_a_server_error,
-    response_schema_conformance,
-)
 
 from model.data import CRITEO_DENSE, CRITEO_SPARSE
+from tests.redis_servers import RedisServer
+from tests.server_process import start
 
 FIELDS = list(CRITEO_DENSE + CRITEO_SPARSE)
 
 
-def test_every_operation_survives_generated_requests(server_url: str) -> None:
-    """schemathesis (its pytest plugin does not run on pytest 9: the operations are driven
-    here, each with its own hypothesis run)."""
-    api = schemathesis.openapi.from_url(server_url + "/openapi.json")
-    operations = [result.ok() for result in api.get_all_operations()]
-    paths = {(op.method.upper(), op.path) for op in operations}
-    assert paths >= {("POST", "/predict"), ("POST", "/predict_many"), ("GET", "/readyz")}
-    assert ("POST", "/admin/reload") in paths
-    for operation in operations:
-        # A reload loads a checkpoint for real: fewer of those.
-        examples = 10 if operation.path == "/admin/reload" else 60
+API_KEY = "fuzz-key"
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+EXAMPLES = 40  # per operation and phase
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
-        def run(case: Any) -> None:
-            case.call_and_validate(
-                checks=[not_a_server_error, response_schema_conformance, content_type_conformance]
-            )
 
-        run()
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_schemathesis_finds_no_failure(store: str, tmp_path: Path) -> None:
+    """schemathesis's own run, as its users run it: every phase (examples, coverage,
+    fuzzing, stateful) and every check, status-code and content-type conformance and
+    auth included, over every operation of the server's /openapi.json, against the
+    real server with an API key (so the admin endpoint is on) in each store."""
+    env = {"CTR_API_KEY": API_KEY, "CTR_LOG_LEVEL": "error"}
+    redis = None
+    if store == "redis":
+        redis = RedisServer(tmp_path / "redis").start()
+        env |= {"CTR_REDIS_URL": redis.url, "CTR_HOLD_TABLES": "false"}
+    process, url = start(**env)
+    report = tmp_path / "report.json"
+    try:
+        run = subprocess.run(
+            [
+                str(SCHEMATHESIS),
+                "--config-file",
+                str(CONFIG),
+                "run",
+                f"{url}/openapi.json",
+                "--phases=examples,coverage,fuzzing,stateful",
+                "--checks=all",
+                f"--header=X-API-Key: {API_KEY}",
+                f"--max-examples={EXAMPLES}",
+                "--seed=20261207",  # reproducible in CI
+                "--workers=1",
+                "--report=json",
+                f"--report-json-path={report}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        if redis is not None:
+            redis.stop()
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    results = json.loads(report.read_text())
+    # Every operation tested, every phase run, no failure and no error.
+    assert results["complete"] and results["exit_code"] == 0
+    assert results["operations"]["tested"] == results["operations"]["total"] >= 16
+    assert results["test_cases"]["unique_failures"] == results["test_cases"]["errored"] == 0
+    assert process.returncode == 0
+    # The case counts, for the CI log (pytest -rP shows them).
+    print(f"schemathesis, {store} store: {results['test_cases']}")  # noqa: T201
 
 
 json_scalars = (
