@@ -136,6 +136,15 @@ class Settings(BaseSettings):
         return out
 
     @model_validator(mode="after")
+    def _queue_holds_the_largest_call(self) -> Settings:
+        if self.max_queued_rows < self.max_instances:
+            raise ValueError(
+                f"max_queued_rows ({self.max_queued_rows}) must hold the largest call "
+                f"(max_instances, {self.max_instances})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _store_needs_redis(self) -> Settings:
         if self.embedding_store == "redis" and self.redis_url is None:
             raise ValueError("CTR_EMBEDDING_STORE=redis needs CTR_REDIS_URL")

@@ -145,16 +145,17 @@ class RedisStore(EmbeddingStore):
             self._recover()
         self._watcher = asyncio.create_task(self._watch(), name="redis-store-watcher")
 
-    async def _connect(self, timeout_s: float) -> None:
+    async def _connect(self, timeout_s: float, whole: bool = True) -> None:
         """Read this version's manifest within ``timeout_s``, publishing the version first
-        when Redis lacks it or any of its partition hashes."""
+        when Redis lacks it or (``whole``) any of its partition hashes."""
         found = await asyncio.wait_for(read_manifest(self._client, self._version), timeout_s)
-        if found is not None:
+        if found is not None and whole:
             check_manifest(found, self._expected)
             layout = Layout(self._version, int(found["partitions"]))
             fields = len(self._expected["fields"])
+            # One EXISTS a hash, pipelined: more than a batch's budget may allow.
             gone = await asyncio.wait_for(
-                missing_partitions(self._client, layout, fields), timeout_s
+                missing_partitions(self._client, layout, fields), max(timeout_s, PROBE_TIMEOUT_S)
             )
             if gone:  # (publish says how many, and writes them again)
                 found = None
@@ -179,8 +180,12 @@ class RedisStore(EmbeddingStore):
             while self._failure is not None:
                 await asyncio.sleep(delay)
                 try:
-                    # The batch budget: a Redis too slow for batches is not back.
-                    await self._connect(self._timeout_s if self._layout else PROBE_TIMEOUT_S)
+                    # The batch budget: a Redis too slow for batches is not back. Its hashes
+                    # are all checked when a batch found one gone (a node lost its data).
+                    await self._connect(
+                        self._timeout_s if self._layout else PROBE_TIMEOUT_S,
+                        whole=self._failure == "missing_version",
+                    )
                 except PublishFailed as exc:
                     self._still_degraded(f"publishing failed: {exc.__cause__}", _cause(exc))
                     delay, successes = min(delay * 2, MAX_BACKOFF_S), 0

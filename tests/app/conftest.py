@@ -20,6 +20,7 @@ from model.predict import Predictor
 from tests.redis_servers import RedisServer
 from tests.server_process import start
 
+TEST_REDIS_BUDGET_MS = 2000
 Client = httpx.AsyncClient
 ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
@@ -42,7 +43,11 @@ def offline(default_checkpoint: Checkpoint) -> Predictor:
 
 @asynccontextmanager
 async def serve(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(**{"model_dir": DEFAULT_MODEL_DIR, **overrides})
+    # A generous Redis budget unless a test sets one: on a loaded machine a batch's
+    # lookups can take longer than the 50 ms default, and a test about exact answers
+    # must not turn on the scheduler (the tests about time-outs set their budget).
+    defaults = {"model_dir": DEFAULT_MODEL_DIR, "redis_timeout_ms": TEST_REDIS_BUDGET_MS}
+    settings = Settings(**{**defaults, **overrides})
     app = create_app(settings)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)

@@ -1,7 +1,16 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, UnknownSetting
+from tests.redis_servers import free_port
+from tests.server_process import ROOT
 
 
 def test_settings_come_from_ctr_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,3 +46,70 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CTR_BATCH_MAX", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_command_line_options_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTR_PORT", "9000")
+    monkeypatch.setenv("CTR_BATCH_MAX", "8")
+    settings = Settings.of_server(["--port", "9100", "--hold-tables", "false"])
+    assert (settings.port, settings.batch_max, settings.hold_tables) == (9100, 8, False)
+    # What worker processes (which read the environment) are handed.
+    assert settings.environment() | {"CTR_PORT": "9100"} == settings.environment()
+    assert settings.environment()["CTR_HOLD_TABLES"] == "false"
+
+
+def test_an_unknown_ctr_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTR_REDIS_ULR", "redis://x")
+    with pytest.raises(UnknownSetting, match="CTR_REDIS_ULR"):
+        Settings.of_server([])
+    monkeypatch.delenv("CTR_REDIS_ULR")
+    monkeypatch.setenv("ctr_port", "9001")  # any case, as pydantic-settings reads them
+    assert Settings.of_server([]).port == 9001
+
+
+def test_python_m_app_takes_its_options_and_refuses_typos() -> None:
+    help_text = run_app("--help")
+    assert help_text.returncode == 0
+    for option in ["--port", "--model-dir", "--redis-url", "--workers", "--chunk-rows"]:
+        assert option in help_text.stdout
+    typo = run_app(env={"CTR_REDIS_ULR": "redis://x"})
+    assert typo.returncode != 0 and "CTR_REDIS_ULR" in typo.stderr
+    bad = run_app("--port", "abc")
+    assert bad.returncode != 0 and "port" in bad.stderr
+    assert "Traceback" not in typo.stderr + bad.stderr
+
+
+def test_python_m_app_serves_on_the_port_it_is_given() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTR_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "--port", str(port), "--log-level", "error"],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert process.returncode == 0
+
+
+def run_app(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CTR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

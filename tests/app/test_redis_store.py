@@ -203,9 +203,17 @@ async def test_a_stale_lock_does_not_block_forever(
         # A publisher that took the lock as publish() does, and died: its lock expires.
         dead = client.lock(layout.lock_key, timeout=publish_module.LOCK_TTL_S)
         assert await dead.acquire(blocking=False)
-        started = time.monotonic()
-        assert await publish(client, default_checkpoint, 16) is True
-        assert time.monotonic() - started >= 0.8
+        token = dead.local.token
+        publishing = asyncio.create_task(publish(client, default_checkpoint, 16))
+        # While the dead holder's lock lives, nothing is published; then it expires.
+        while not publishing.done():
+            published = await client.exists(layout.manifest_key)
+            holder = await client.get(layout.lock_key)
+            if holder == token:  # (read after: the lock was the dead one's all along)
+                assert not published
+            await asyncio.sleep(0.02)
+        assert await publishing is True
+        assert await client.exists(layout.manifest_key)
     finally:
         await client.aclose()
 
@@ -345,23 +353,28 @@ async def test_a_stopped_redis_costs_at_most_the_time_budget(
     async with make_client(
         redis_url=redis_server.url, hold_tables=hold_tables, redis_timeout_ms=budget_ms
     ) as client:
+        with redis_server.client() as r:
+            r.config_resetstat()
         redis_server.pause()
         try:
-            latencies = []
             answers = []
             for row in known_rows[:40]:  # LRU misses: each needs Redis
-                started = time.perf_counter()
+                # (httpx's own 5 s time-out is the guard: the store's socket time-out is
+                # 10 s, so a call that waited on Redis would fail here)
                 response = await client.post("/predict", json={"features": row})
-                latencies.append(time.perf_counter() - started)
                 assert response.status_code == 200
                 answers.append(response.json()["probability"])
             assert (await store_of(client))["state"] == "degraded"
+            metrics = (await client.get("/metrics")).text
         finally:
             redis_server.resume()
-        # Generous against a noisy machine, and far below the client's 10 s socket timeout.
-        assert max(latencies) < budget_ms / 1000 + 1.0
-        # After the first timeout the store stops asking Redis until it answers again.
-        assert sorted(latencies)[-2] < budget_ms / 1000
+        # Every call was answered by a lower tier, the first after its lookup timed out;
+        # after it the store stopped asking Redis: at most the first call's lookups (one
+        # HMGET per hash it needed) ever reached it.
+        assert metric(metrics, 'ctr_embedding_fallbacks_total{reason="timeout"}') >= 1
+        with redis_server.client() as r:
+            hmgets = r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+        assert hmgets <= len(known_rows[0])
         if hold_tables:
             np.testing.assert_allclose(
                 answers, offline.predict_rows(known_rows[:40]), rtol=0, atol=1e-6

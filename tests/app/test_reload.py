@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -36,6 +37,15 @@ pytestmark = pytest.mark.anyio
 # The admin endpoints on without a key, and any checkpoint on this machine loadable: these
 # tests are about reloading (test_admin.py holds the guard rails).
 ADMIN = {"admin_endpoints": True, "models_root": Path("/")}
+
+
+async def answered(answers: list[Any], more: int, timeout: float = 60) -> None:
+    """Wait until ``more`` answers were added to ``answers`` (traffic flowed)."""
+    target = len(answers) + more
+    deadline = time.monotonic() + timeout
+    while len(answers) < target:
+        assert time.monotonic() < deadline, "the senders stalled"
+        await asyncio.sleep(0.01)
 
 
 async def reload(client: httpx.AsyncClient, model_dir: Path | None = None) -> httpx.Response:
@@ -72,11 +82,11 @@ async def test_a_reload_under_load_fails_no_request_and_never_mixes_models(
                 i += 32
 
         senders = [asyncio.create_task(sender(w)) for w in range(32)]
-        await asyncio.sleep(0.3)
+        await answered(answers, 100)
         first = await reload(client, tiny_checkpoint.path)
-        await asyncio.sleep(0.3)
+        await answered(answers, 100)
         second = await reload(client)  # back to CTR_MODEL_DIR
-        await asyncio.sleep(0.3)
+        await answered(answers, 100)
         done.set()
         await asyncio.gather(*senders)
         model = (await client.get("/model")).json()
@@ -140,7 +150,7 @@ async def test_a_reload_that_changes_the_fields_never_scores_a_call_with_another
 
         senders = [asyncio.create_task(sender(w)) for w in range(16)]
         for target in (tmp_path / "other", None, tmp_path / "other", None):
-            await asyncio.sleep(0.2)
+            await answered(statuses, 50)
             assert (await reload(client, target)).status_code == 200
         done.set()
         await asyncio.gather(*senders)
@@ -236,7 +246,7 @@ def test_sighup_reloads_and_a_bad_checkpoint_keeps_the_old_model(
         wait_for_version(url, tiny_checkpoint.version)
         (served / "weights.safetensors").write_bytes(b"garbage")
         process.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
+        wait_for_metric(url, 'ctr_model_reloads_total{outcome="failed"} 1.0')
         assert httpx.get(url + "/model").json()["model_version"] == tiny_checkpoint.version
         assert httpx.post(url + "/predict", json={"features": {}}).status_code == 200
     finally:
@@ -254,6 +264,13 @@ def replace_dir(source: Path, target: Path) -> None:
     shutil.copytree(source, staged)
     shutil.rmtree(target)
     staged.rename(target)
+
+
+def wait_for_metric(url: str, line: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in httpx.get(url + "/metrics").text:
+        assert time.monotonic() < deadline, f"{line} never came"
+        time.sleep(0.05)
 
 
 def wait_for_version(url: str, version: str, timeout: float = 30) -> None:
@@ -294,7 +311,10 @@ def test_sigterm_under_load_cuts_off_no_accepted_request() -> None:
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while len(statuses) <= 50:  # traffic flows
+        assert time.monotonic() < deadline, "no traffic"
+        time.sleep(0.01)
     served_before = len(statuses)
     process.send_signal(signal.SIGTERM)
     try:
@@ -310,11 +330,16 @@ def test_sigterm_under_load_cuts_off_no_accepted_request() -> None:
     assert not cut_off, cut_off
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_reload_racing_shutdown_is_refused_and_leaks_nothing(
-    tiny_checkpoint: Checkpoint,
+    tiny_checkpoint: Checkpoint, redis_server: RedisServer, store: str
 ) -> None:
-    settings = Settings()
+    tasks_before = set(asyncio.all_tasks())
+    threads_before = set(threading.enumerate())
+    settings = Settings(redis_url=redis_server.url) if store == "redis" else Settings()
     runtime = await Runtime.start(settings, Metrics())
+    started = {t.name for t in set(threading.enumerate()) - threads_before}
+    assert "forward" in started  # (beside asyncio's executor, which outlives the runtime)
     reloading = asyncio.create_task(runtime.reload(tiny_checkpoint.path))
     await asyncio.sleep(0)  # the reload holds its lock and is loading
     await runtime.close()  # waits for it
@@ -323,6 +348,14 @@ async def test_a_reload_racing_shutdown_is_refused_and_leaks_nothing(
     assert runtime.model.version != tiny_checkpoint.version
     with pytest.raises(NotReady):
         await runtime.reload(tiny_checkpoint.path)
+    # Nothing left behind: no task (the store's watcher), no thread (the batcher's
+    # worker), no connection to Redis.
+    assert set(asyncio.all_tasks()) <= tasks_before | {asyncio.current_task()}
+    assert {t for t in threading.enumerate() if not t.name.startswith("asyncio_")} <= (
+        threads_before
+    )
+    with redis_server.client() as r:
+        assert [c for c in r.client_list() if c["cmd"] != "client|list"] == []
 
 
 async def test_reload_with_several_workers_is_a_conflict(make_client: ClientFactory) -> None:
