@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-redis bench-soak
+.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-big-calls bench-redis bench-soak
 
 serve:
 	scripts/serve
@@ -26,6 +26,9 @@ bench-memory:
 # Needs wrk (apt-get install wrk).
 bench-serve:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.serve
+
+bench-big-calls:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.big_calls
 
 bench-redis:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.redis_tier

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
+import pydantic_core
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,6 +38,9 @@ from app.schemas import (
 )
 
 JSON = "application/json"
+# A /predict_many body past this size is validated a slice of rows at a time.
+SLICED_BODY_BYTES = 256 * 1024
+SLICE_ROWS = 256
 RELOAD_BODY = TypeAdapter(ReloadRequest)
 
 
@@ -106,6 +111,14 @@ def validate(body: bytes, adapter: TypeAdapter[Any]) -> Any:
         raise InvalidRequest(error_details(exc)) from None
 
 
+def validate_value(value: Any, adapter: TypeAdapter[Any]) -> Any:
+    """``validate`` for a body already parsed."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidRequest(error_details(exc)) from None
+
+
 def body_schema(
     adapter: TypeAdapter[Any], components: dict[str, Any], *, required: bool = True
 ) -> dict[str, Any]:
@@ -152,14 +165,43 @@ async def predict(request: Request) -> Response:
     return json_response({"probability": probability, "model_version": version})
 
 
+async def validate_in_slices(raw: bytes, schemas: RequestSchemas, limit: int) -> Any:
+    """A /predict_many body validated as ``schemas.predict_many`` would, with the same
+    errors, but its instances a slice at a time, the event loop free between slices:
+    validating 10,000 rows in one go held it (and every other call) for 200 ms."""
+    try:
+        data = pydantic_core.from_json(raw)  # (the parser validate_json uses)
+    except ValueError:
+        return validate(raw, schemas.predict_many)  # it says what is wrong
+    body = validate_value(data, schemas.predict_many_envelope)
+    rows = body["instances"]
+    if len(rows) > limit:
+        raise PayloadTooLarge(f"{len(rows)} instances; at most {limit}")
+    validated: list[Any] = []
+    errors: list[dict[str, Any]] = []
+    for start in range(0, len(rows), SLICE_ROWS):
+        await asyncio.sleep(0)
+        try:
+            validated += schemas.instances.validate_python(rows[start : start + SLICE_ROWS])
+        except ValidationError as exc:
+            errors += error_details(exc, within=("instances", start))
+    if errors:
+        raise InvalidRequest(errors)
+    return {**body, "instances": validated}
+
+
 async def predict_many(request: Request) -> Response:
     runtime = runtime_of(request)
     authorize(request, runtime)
     raw = await json_body(request)
     model = runtime.model  # (as in predict)
-    body = validate(raw, model.schemas.predict_many)
-    instances = body["instances"]
     limit = runtime.settings.max_instances
+    if len(raw) > SLICED_BODY_BYTES:
+        body = await validate_in_slices(raw, model.schemas, limit)
+        # (a reload may have happened meanwhile: ``model`` validated and scores it)
+    else:
+        body = validate(raw, model.schemas.predict_many)
+    instances = body["instances"]
     if len(instances) > limit:
         raise PayloadTooLarge(f"{len(instances)} instances; at most {limit}")
     explain = body.get("explain", False)

@@ -147,6 +147,10 @@ class RequestSchemas:
 
     predict: TypeAdapter[Any]
     predict_many: TypeAdapter[Any]
+    # The same /predict_many in two steps, for a body too big to validate in one go:
+    # the envelope with its instances unchecked, then the instances a slice at a time.
+    predict_many_envelope: TypeAdapter[Any]
+    instances: TypeAdapter[Any]
 
     @classmethod
     def build(cls, spec: FeatureSpec) -> RequestSchemas:
@@ -160,11 +164,22 @@ class RequestSchemas:
         predict_many = _typed_dict(
             "PredictManyRequest", {"instances": instances, "explain": explain}
         )
-        return cls(TypeAdapter(predict), TypeAdapter(predict_many))
+        unchecked = Annotated[list[Any], Field(min_length=1)]
+        envelope = _typed_dict("PredictManyRequest", {"instances": unchecked, "explain": explain})
+        return cls(
+            TypeAdapter(predict),
+            TypeAdapter(predict_many),
+            TypeAdapter(envelope),
+            TypeAdapter(list[features]),  # type: ignore[valid-type]
+        )
 
 
-def error_details(exc: ValidationError) -> list[dict[str, Any]]:
-    """pydantic errors in FastAPI's shape (``loc`` starts with "body"), one per bad value."""
+def error_details(exc: ValidationError, within: tuple[str | int, ...] = ()) -> list[dict[str, Any]]:
+    """pydantic errors in FastAPI's shape (``loc`` starts with "body"), one per bad value.
+
+    ``within``: where in the body the validated value was (a slice's errors name their
+    instance in the whole body: ``("instances", 512)`` shifts ``[3, "C1"]`` to
+    ``["instances", 515, "C1"]``)."""
     details: list[dict[str, Any]] = []
     seen: set[tuple[Any, ...]] = set()
     for error in exc.errors(include_url=False, include_context=False):
@@ -186,6 +201,8 @@ def error_details(exc: ValidationError) -> list[dict[str, Any]]:
         if loc in seen:
             continue
         seen.add(loc)
+        if within and loc:  # (a slice's instance index, counted in the whole body)
+            loc = (*within[:-1], int(within[-1]) + int(loc[0]), *loc[1:])
         detail: dict[str, Any] = {"type": kind, "loc": ["body", *loc], "msg": msg}
         if kind != "json_invalid" and "input" in error and _small(error["input"]):
             detail["input"] = error["input"]

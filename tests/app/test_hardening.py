@@ -5,6 +5,7 @@ row-budgeted queue, metrics that mean what they say, and the v2 error paths."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -378,3 +379,40 @@ async def test_v2_too_many_rows_is_413_as_natively(make_client: ClientFactory) -
         native = await client.post("/predict_many", json={"instances": [{}, {}, {}]})
     assert v2.status_code == native.status_code == 413
     assert "at most 2" in v2.json()["error"]
+
+
+async def test_a_big_body_validated_in_slices_says_what_one_pass_says(
+    client: httpx.AsyncClient, default_checkpoint: Checkpoint, offline: Predictor
+) -> None:
+    """A body past SLICED_BODY_BYTES is validated a slice at a time (the event loop free
+    between slices): its answers and its errors are the one-pass validation's."""
+    from pydantic import ValidationError
+
+    from app.routes import SLICE_ROWS, SLICED_BODY_BYTES
+    from app.schemas import RequestSchemas, error_details
+
+    rows: list[dict[str, Any]] = [
+        {"C1": f"value-{i}", "C2": i, "I1": float(i % 7), "C3": "x" * 200} for i in range(2000)
+    ]
+    raw = json.dumps({"instances": rows}).encode()
+    assert len(raw) > SLICED_BODY_BYTES and len(rows) > 4 * SLICE_ROWS
+    good = await client.post("/predict_many", content=raw, headers=JSON)
+    np.testing.assert_allclose(
+        good.json()["probabilities"], offline.predict_rows(rows), rtol=0, atol=1e-6
+    )
+    bad_rows = [dict(r) for r in rows]
+    bad_rows[3]["C1"] = 1.5
+    bad_rows[SLICE_ROWS]["I1"] = "x"  # the first row of the second slice
+    bad_rows[1999]["C2"] = -(2**63) - 1
+    bad_rows[1000]["nope"] = 1
+    bad = json.dumps({"instances": bad_rows}).encode()
+    response = await client.post("/predict_many", content=bad, headers=JSON)
+    assert response.status_code == 422
+    schemas = RequestSchemas.build(default_checkpoint.features)
+    with pytest.raises(ValidationError) as one_pass:
+        schemas.predict_many.validate_json(bad)
+    assert response.json()["detail"] == error_details(one_pass.value)
+    locs = [d["loc"][2] for d in response.json()["detail"]]
+    assert locs == [3, SLICE_ROWS, 1000, 1999]
+    broken = await client.post("/predict_many", content=raw[:-1], headers=JSON)
+    assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
