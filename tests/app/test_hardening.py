@@ -13,17 +13,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from app.config import Settings
 from app.metrics import Metrics
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.deepfm import DeepFM, DeepFMConfig
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.default_model import DEFAULT_MODEL_DIR
-from model.features import KEY_CHARS, FeatureSpec, Field, Vocabulary, value_key
+from model.features import KEY_CHARS, Field, Vocabulary, value_key
 from model.predict import Predictor
 from tests.app.conftest import ClientFactory
 from tests.app.test_redis_store import metric
+from tests.checkpoints import random_checkpoint
 from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -144,14 +143,7 @@ def long_values_checkpoint(directory: Path) -> Checkpoint:
         Field("U", "category", vocab=Vocabulary(values)),
         Field("D", "log", {"missing": 0.0}),
     )
-    features = FeatureSpec(fields)
-    torch.manual_seed(5)
-    model = DeepFM(DeepFMConfig(features.vocab_sizes, num_dense=1, embed_dim=4, hidden_units=(8,)))
-    assert model.sparse_rows is not None
-    with torch.no_grad():
-        model.sparse_rows.weight.normal_(0.0, 1.0)
-    save_checkpoint(directory, model, features, created_at="2026-12-07T00:00:00+00:00")
-    return load_checkpoint(directory)
+    return random_checkpoint(directory, fields, seed=5, scale=1.0)
 
 
 def test_long_values_are_found_by_their_digest(tmp_path: Path) -> None:

@@ -15,19 +15,18 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from app.config import Settings
 from app.errors import NotReady
 from app.metrics import Metrics
 from app.runtime import Runtime
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.deepfm import DeepFM, DeepFMConfig
+from model.checkpoint import Checkpoint
 from model.default_model import DEFAULT_MODEL_DIR
-from model.features import FeatureSpec, Field, Vocabulary
+from model.features import Field, Vocabulary
 from model.predict import Predictor
 from tests.app.conftest import ClientFactory
 from tests.app.test_routes import random_rows
+from tests.checkpoints import random_checkpoint
 from tests.redis_servers import RedisServer
 from tests.server_process import start
 
@@ -113,14 +112,7 @@ def other_fields_checkpoint(directory: Path) -> Checkpoint:
         Field("I2", "log", {"missing": 0.0}),
         Field("Z", "category", vocab=Vocabulary(("z",))),
     )
-    features = FeatureSpec(fields)
-    torch.manual_seed(1)
-    model = DeepFM(DeepFMConfig(features.vocab_sizes, num_dense=1, embed_dim=4, hidden_units=(8,)))
-    assert model.sparse_rows is not None
-    with torch.no_grad():
-        model.sparse_rows.weight.normal_(0.0, 0.5)
-    save_checkpoint(directory, model, features, created_at="2026-11-30T00:00:00+00:00")
-    return load_checkpoint(directory)
+    return random_checkpoint(directory, fields, seed=1)
 
 
 async def test_a_reload_that_changes_the_fields_never_scores_a_call_with_another_model(
