@@ -1,11 +1,13 @@
 """The recipe of the bundled default model, the one the service serves when no model is set.
 
-    python -m model.default_model            # rewrites models/default, bit for bit
+    python -m model.default_model            # rewrites models/default
 
 It trains a small DeepFM on generated Criteo-shaped data (fields I1..I13 dense,
 C1..C26 sparse). Everything is fixed: the data's seed, the training seed, one
-torch thread and the recorded timestamp, so the same code rebuilds the same
-bytes and therefore the same version.
+torch thread and the recorded timestamp, so the same code on the same CPU
+rebuilds the same bytes and therefore the same version. (Another processor's
+kernels round training's floats differently: the same data and vocabularies,
+weights a few 1e-3 apart.)
 """
 
 from __future__ import annotations
