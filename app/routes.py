@@ -7,6 +7,7 @@ import hmac
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 import pydantic_core
 from fastapi import APIRouter, Depends, Request
@@ -31,6 +32,7 @@ from app.schemas import (
     ErrorResponse,
     PredictManyResponse,
     PredictResponse,
+    RankResponse,
     ReloadRequest,
     ReloadResponse,
     RequestSchemas,
@@ -165,45 +167,51 @@ async def predict(request: Request) -> Response:
     return json_response({"probability": probability, "model_version": version})
 
 
-async def validate_in_slices(raw: bytes, schemas: RequestSchemas, limit: int) -> Any:
-    """A /predict_many body validated as ``schemas.predict_many`` would, with the same
-    errors, but its instances a slice at a time, the event loop free between slices:
-    validating 10,000 rows in one go held it (and every other call) for 200 ms."""
+async def validate_rows(
+    raw: bytes, schemas: RequestSchemas, key: str, limit: int, *, rank: bool = False
+) -> Any:
+    """A body of many rows (under ``key``) validated by ``whole``. Past SLICED_BODY_BYTES,
+    with the same answers and errors, but in two steps: the ``envelope`` with its rows
+    unchecked, then the rows a slice at a time, the event loop free between slices
+    (validating 10,000 rows in one go held it, and every other call, for 200 ms).
+    More rows than ``limit``: 413."""
+    whole = schemas.rank if rank else schemas.predict_many
+    envelope = schemas.rank_envelope if rank else schemas.predict_many_envelope
+    if len(raw) <= SLICED_BODY_BYTES:
+        body = validate(raw, whole)
+        if len(body[key]) > limit:
+            raise PayloadTooLarge(f"{len(body[key])} {key}; at most {limit}")
+        return body
     try:
         data = pydantic_core.from_json(raw)  # (the parser validate_json uses)
     except ValueError:
-        return validate(raw, schemas.predict_many)  # it says what is wrong
-    body = validate_value(data, schemas.predict_many_envelope)
-    rows = body["instances"]
+        return validate(raw, whole)  # it says what is wrong
+    body = validate_value(data, envelope)
+    rows = body[key]
     if len(rows) > limit:
-        raise PayloadTooLarge(f"{len(rows)} instances; at most {limit}")
+        raise PayloadTooLarge(f"{len(rows)} {key}; at most {limit}")
+    instances = schemas.instances
     validated: list[Any] = []
     errors: list[dict[str, Any]] = []
     for start in range(0, len(rows), SLICE_ROWS):
         await asyncio.sleep(0)
         try:
-            validated += schemas.instances.validate_python(rows[start : start + SLICE_ROWS])
+            validated += instances.validate_python(rows[start : start + SLICE_ROWS])
         except ValidationError as exc:
-            errors += error_details(exc, within=("instances", start))
+            errors += error_details(exc, within=(key, start))
     if errors:
         raise InvalidRequest(errors)
-    return {**body, "instances": validated}
+    return {**body, key: validated}
 
 
 async def predict_many(request: Request) -> Response:
     runtime = runtime_of(request)
     authorize(request, runtime)
     raw = await json_body(request)
-    model = runtime.model  # (as in predict)
-    limit = runtime.settings.max_instances
-    if len(raw) > SLICED_BODY_BYTES:
-        body = await validate_in_slices(raw, model.schemas, limit)
-        # (a reload may have happened meanwhile: ``model`` validated and scores it)
-    else:
-        body = validate(raw, model.schemas.predict_many)
+    model = runtime.model  # (as in predict; it validates and scores, whatever a reload does)
+    schemas = model.schemas
+    body = await validate_rows(raw, schemas, "instances", runtime.settings.max_instances)
     instances = body["instances"]
-    if len(instances) > limit:
-        raise PayloadTooLarge(f"{len(instances)} instances; at most {limit}")
     explain = body.get("explain", False)
     probabilities, version, explanations = await runtime.predict_many(model, instances, explain)
     if explain:
@@ -217,6 +225,41 @@ async def predict_many(request: Request) -> Response:
     return json_response({"probabilities": probabilities, "model_version": version})
 
 
+async def rank(request: Request) -> Response:
+    """One context, many candidates: ``/predict_many`` of the candidates with the context
+    merged into each, the context's work done once."""
+    runtime = runtime_of(request)
+    authorize(request, runtime)
+    raw = await json_body(request)
+    model = runtime.model  # (as in predict_many)
+    limit = runtime.settings.max_instances
+    body = await validate_rows(raw, model.schemas, "candidates", limit, rank=True)
+    context, candidates = body["context"], body["candidates"]
+    shared = context.keys()
+    clashes = [
+        {
+            "type": "given_in_context",
+            "loc": ["body", "candidates", i, name],
+            "msg": f"field {name!r} is given in the context too: give it in one place",
+        }
+        for i, candidate in enumerate(candidates)
+        for name in sorted(shared & candidate.keys())
+    ]
+    if clashes:
+        raise InvalidRequest(clashes)
+    explain = body.get("explain", False)
+    probabilities, version, explanations = await runtime.predict_many(
+        model, candidates, explain, context
+    )
+    answer: dict[str, Any] = {"probabilities": probabilities, "model_version": version}
+    if (top_k := body.get("top_k")) is not None:
+        best = np.argsort(-probabilities, kind="stable")[:top_k].tolist()
+        answer["top"] = [{"index": i, "probability": probabilities[i]} for i in best]
+    if explain:
+        answer["explanations"] = explanations
+    return json_response(answer)
+
+
 def prediction_routes() -> list[Route]:
     """/predict and /predict_many as plain Starlette routes.
 
@@ -228,6 +271,7 @@ def prediction_routes() -> list[Route]:
     return [
         Route("/predict", predict, methods=["POST"]),
         Route("/predict_many", predict_many, methods=["POST"]),
+        Route("/rank", rank, methods=["POST"]),
     ]
 
 
@@ -270,6 +314,15 @@ def prediction_docs(
             **key_header,
         },
         summary=f"Click probabilities of up to {max_instances} rows",
+    )
+    docs.add_api_route(
+        "/rank",
+        rank,
+        methods=["POST"],
+        response_model=RankResponse,
+        responses=error_responses(*PREDICTION_ERRORS),
+        openapi_extra={"requestBody": body_schema(schemas.rank, components), **key_header},
+        summary=f"Click probabilities of up to {max_instances} candidates sharing one context",
     )
     return docs
 

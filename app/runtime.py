@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,11 +31,22 @@ log = logging.getLogger(__name__)
 
 REDIS_SOCKET_TIMEOUT_S = 10.0
 
-# A call: the model its request was validated against, its rows, and whether it wants
-# explanations.
-Call = tuple[ServingModel, Sequence[Row], bool]
-# A call's probabilities, the version of the model that computed them, and explanations.
-Result = tuple[np.ndarray, str, list[Explained] | None]
+
+class Call(NamedTuple):
+    """What the batcher is given: rows to score by one model."""
+
+    model: ServingModel  # the model its request was validated against
+    rows: Sequence[Row]
+    explain: bool  # also split each logit into parts
+    context: Row | None = None  # (a ranking request) fields every row shares
+
+
+class Result(NamedTuple):
+    """A call's answer."""
+
+    probabilities: np.ndarray
+    version: str  # of the model that computed them
+    explanations: list[Explained] | None
 
 
 def open_store(
@@ -92,7 +104,7 @@ class Runtime:
             self._process,
             settings.batch_max,
             name="forward",
-            rows=lambda call: len(call[1]),
+            rows=lambda call: len(call.rows),
             max_rows=settings.chunk_rows,
         )
         self._closing = False
@@ -205,21 +217,26 @@ class Runtime:
         return float(probabilities[0]), version, explained[0] if explained else None
 
     async def predict_many(
-        self, model: ServingModel, instances: Sequence[Row], explain: bool = False
+        self,
+        model: ServingModel,
+        instances: Sequence[Row],
+        explain: bool = False,
+        context: Row | None = None,
     ) -> Result:
-        """The probabilities of ``instances`` by ``model``, and its version. A call of more
-        than CTR_CHUNK_ROWS rows is scored a chunk at a time, each chunk queued once the
-        one before is done: the calls that arrive meanwhile take turns with it, instead
-        of waiting for all of it."""
+        """The probabilities of ``instances`` by ``model`` (with ``context``'s fields
+        merged into each, when given), and its version. A call of more than
+        CTR_CHUNK_ROWS rows is scored a chunk at a time, each chunk queued once the one
+        before is done: the calls that arrive meanwhile take turns with it, instead of
+        waiting for all of it."""
         rows = len(instances)
         self._admit(rows)
         self._calls_of[id(model)] += 1
         try:
             chunk = self.settings.chunk_rows
             if rows <= chunk:
-                return await self._submit((model, instances, explain))
+                return await self._submit(Call(model, instances, explain, context))
             parts = [
-                await self._submit((model, instances[start : start + chunk], explain))
+                await self._submit(Call(model, instances[start : start + chunk], explain, context))
                 for start in range(0, rows, chunk)
             ]
         finally:
@@ -230,7 +247,7 @@ class Runtime:
                 async with self._call_ended:
                     self._call_ended.notify_all()
         explanations = [e for _, _, part in parts for e in part or ()] if explain else None
-        return np.concatenate([p for p, _, _ in parts]), parts[0][1], explanations
+        return Result(np.concatenate([p for p, _, _ in parts]), parts[0][1], explanations)
 
     def _admit(self, rows: int) -> None:
         """503 when the queue is full: in calls, or in rows (an empty queue takes any)."""
@@ -257,22 +274,28 @@ class Runtime:
         around a reload) in one forward pass, but for calls that asked for explanations
         (a pass of their own each)."""
         self.metrics.batch_calls.observe(len(calls))
-        self.metrics.batch_rows.observe(sum(len(rows) for _, rows, _ in calls))
+        self.metrics.batch_rows.observe(sum(len(call.rows) for call in calls))
         results: list[Result | None] = [None] * len(calls)
-        for model in {id(model): model for model, _, _ in calls}.values():
-            mine = [i for i, call in enumerate(calls) if call[0] is model]
-            plain = [i for i in mine if not calls[i][2]]
-            rows = [row for i in plain for row in calls[i][1]]
+        for model in {id(call.model): call.model for call in calls}.values():
+            mine = [i for i, call in enumerate(calls) if call.model is model]
+            plain = [i for i in mine if not calls[i].explain and calls[i].context is None]
+            rows = [row for i in plain for row in calls[i].rows]
             probabilities = model.predict(rows) if rows else np.empty(0)
             start = 0
             for i in plain:
-                count = len(calls[i][1])
-                results[i] = (probabilities[start : start + count], model.version, None)
+                count = len(calls[i].rows)
+                results[i] = Result(probabilities[start : start + count], model.version, None)
                 start += count
             for i in mine:
-                if calls[i][2]:
-                    explained, explanations = model.explain(calls[i][1])
-                    results[i] = (explained, model.version, explanations)
+                call = calls[i]
+                if call.explain:  # a pass of its own, of the rows as they are scored
+                    merged: Sequence[Row] = call.rows
+                    if call.context is not None:
+                        merged = [{**call.context, **row} for row in call.rows]
+                    explained, explanations = model.explain(merged)
+                    results[i] = Result(explained, model.version, explanations)
+                elif call.context is not None:  # a ranking request: the context once
+                    results[i] = Result(model.rank(call.context, call.rows), model.version, None)
         return [result for result in results if result is not None]  # (every call has one)
 
     async def close(self) -> None:

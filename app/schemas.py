@@ -92,6 +92,20 @@ class PredictManyResponse(BaseModel):
     model_version: str
 
 
+class Ranked(BaseModel):
+    index: int = Field(description="the candidate's position in the request")
+    probability: float
+
+
+class RankResponse(BaseModel):
+    probabilities: list[float] = Field(description="the i-th belongs to the i-th candidate")
+    top: list[Ranked] | None = Field(
+        None, description='with "top_k": the top_k best candidates, most probable first'
+    )
+    explanations: list[Explanation] | None = Field(None, description='with "explain": true')
+    model_version: str
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -147,9 +161,11 @@ class RequestSchemas:
 
     predict: TypeAdapter[Any]
     predict_many: TypeAdapter[Any]
-    # The same /predict_many in two steps, for a body too big to validate in one go:
-    # the envelope with its instances unchecked, then the instances a slice at a time.
+    rank: TypeAdapter[Any]
+    # The same /predict_many and /rank in two steps, for a body too big to validate in
+    # one go: the envelope with its rows unchecked, then the rows a slice at a time.
     predict_many_envelope: TypeAdapter[Any]
+    rank_envelope: TypeAdapter[Any]
     instances: TypeAdapter[Any]
 
     @classmethod
@@ -164,13 +180,38 @@ class RequestSchemas:
         predict_many = _typed_dict(
             "PredictManyRequest", {"instances": instances, "explain": explain}
         )
+        context = Annotated[
+            features,  # type: ignore[valid-type]
+            Field(description="the fields every candidate shares (a user, a query, a page)"),
+        ]
+        candidates = Annotated[
+            list[features],  # type: ignore[valid-type]
+            Field(min_length=1, description="each candidate's own fields"),
+        ]
+        top_k = NotRequired[
+            Annotated[
+                int,
+                Strict(),
+                Field(ge=1, description="also list the top_k best candidates, best first"),
+            ]
+        ]
+        rank = _typed_dict(
+            "RankRequest",
+            {"context": context, "candidates": candidates, "top_k": top_k, "explain": explain},
+        )
         unchecked = Annotated[list[Any], Field(min_length=1)]
         envelope = _typed_dict("PredictManyRequest", {"instances": unchecked, "explain": explain})
+        rank_envelope = _typed_dict(
+            "RankRequest",
+            {"context": context, "candidates": unchecked, "top_k": top_k, "explain": explain},
+        )
         return cls(
-            TypeAdapter(predict),
-            TypeAdapter(predict_many),
-            TypeAdapter(envelope),
-            TypeAdapter(list[features]),  # type: ignore[valid-type]
+            predict=TypeAdapter(predict),
+            predict_many=TypeAdapter(predict_many),
+            rank=TypeAdapter(rank),
+            predict_many_envelope=TypeAdapter(envelope),
+            rank_envelope=TypeAdapter(rank_envelope),
+            instances=TypeAdapter(list[features]),  # type: ignore[valid-type]
         )
 
 

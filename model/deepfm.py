@@ -163,6 +163,50 @@ class DeepFM(nn.Module):
             "logit": y_lin + y_fm + dnn,
         }
 
+    def forward_shared(
+        self,
+        context: tuple[Tensor, Tensor, Tensor],
+        candidates: tuple[Tensor, Tensor, Tensor],
+        context_fields: Tensor,
+        context_dense: Tensor,
+    ) -> Tensor:
+        """Logits ``N`` of N candidates that share one context (a ranking request): equal
+        to ``forward_rows`` on the rows with the context merged into each, but the
+        context's share of every term is computed once.
+
+        context: (first_order ``Fc``, embeddings ``Fc x k``, dense ``Dc``) of the context's
+        fields; candidates: (first_order ``N x Fn``, embeddings ``N x Fn x k``, dense
+        ``N x Dn``) of the others; context_fields: the ``Fc`` embedded field positions
+        (int64, ascending) the context holds, the candidates the rest in order;
+        context_dense: likewise the ``Dc`` dense positions.
+
+            y_lin = [b + sum_c w_c + u_c.z_c] + sum_n w_n + u_n.z_n
+            y_fm  = 1/2 sum_k [(S_c + S_n)^2 - (Q_c + Q_n)],  S = sum of e, Q = sum of e^2
+            h_1   = [W_c x_c + b_1] + W_n x_n    (the DNN's first layer; the rest per row)
+        """
+        c_first, c_emb, c_dense = context
+        n_first, n_emb, n_dense = candidates
+        fields, num_dense = self.config.num_fields, self.config.num_dense
+        k = self.config.embed_dim
+        n_fields = complement(context_fields, fields)
+        n_dense_at = complement(context_dense, num_dense)
+        u = self.dense_weight
+        shared_lin = self.bias + c_first.sum() + c_dense @ u[context_dense]
+        y_lin = shared_lin + n_first.sum(dim=1) + n_dense @ u[n_dense_at]
+        s = c_emb.sum(dim=0) + n_emb.sum(dim=1)  # N x k
+        q = c_emb.square().sum(dim=0) + n_emb.square().sum(dim=1)
+        y_fm = 0.5 * (s.square() - q).sum(dim=1)
+        first, *rest = self.deep.mlp
+        assert isinstance(first, nn.Linear)
+        columns = torch.arange(fields * k).view(fields, k)
+        c_cols = torch.cat((columns[context_fields].flatten(), fields * k + context_dense))
+        n_cols = torch.cat((columns[n_fields].flatten(), fields * k + n_dense_at))
+        shared_h = first.weight[:, c_cols] @ torch.cat((c_emb.flatten(), c_dense)) + first.bias
+        h = torch.cat((n_emb.flatten(1), n_dense), dim=1) @ first.weight[:, n_cols].T + shared_h
+        for layer in rest:
+            h = layer(h)
+        return y_lin + y_fm + h.squeeze(-1)
+
     def forward_rows(self, first_order: Tensor, embeddings: Tensor, dense: Tensor) -> Tensor:
         """Logits ``B`` from gathered rows.
 
@@ -172,3 +216,10 @@ class DeepFM(nn.Module):
         y_fm: Tensor = self.fm(embeddings)
         y_dnn: Tensor = self.deep(torch.cat((embeddings.flatten(1), dense), dim=1))
         return y_lin + y_fm + y_dnn
+
+
+def complement(positions: Tensor, size: int) -> Tensor:
+    """The positions of ``range(size)`` not in ``positions``, ascending."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[positions] = False
+    return torch.arange(size)[keep]

@@ -70,3 +70,35 @@ def test_config_round_trips_and_checks_itself() -> None:
         DeepFMConfig(vocab_sizes=(3,), num_dense=1, dropout=1.0)
     with pytest.raises(ValueError):
         DeepFMConfig(vocab_sizes=(3,), num_dense=1, hidden_units=(0,))
+
+
+def test_forward_shared_equals_forward_rows_for_every_split() -> None:
+    """Every way of splitting 4 embedded and 3 dense fields between a context and its
+    candidates: the logits equal forward_rows of the merged rows."""
+    torch.manual_seed(0)
+    model = DeepFM(DeepFMConfig((5, 7, 3, 4), num_dense=3, embed_dim=4, hidden_units=(16, 8)))
+    model.eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    ids, dense = torch.randint(0, 3, (6, 4)), torch.randn(6, 3)
+
+    def subsets(n: int) -> list[tuple[int, ...]]:
+        return [c for r in range(n + 1) for c in itertools.combinations(range(n), r)]
+
+    for shared, shared_dense in itertools.product(subsets(4), subsets(3)):
+        merged_ids, merged_dense = ids.clone(), dense.clone()  # the context: row 0's
+        merged_ids[:, list(shared)] = ids[0, list(shared)]
+        merged_dense[:, list(shared_dense)] = dense[0, list(shared_dense)]
+        rows = model.gather(merged_ids)
+        others = [f for f in range(4) if f not in shared]
+        other_dense = [d for d in range(3) if d not in shared_dense]
+        with torch.inference_mode():
+            expected = model.forward_rows(rows[..., 0], rows[..., 1:], merged_dense)
+            got = model.forward_shared(
+                (rows[0, shared, 0], rows[0, shared, 1:], merged_dense[0, shared_dense]),
+                (rows[:, others, 0], rows[:, others, 1:], merged_dense[:, other_dense]),
+                torch.tensor(shared, dtype=torch.int64),
+                torch.tensor(shared_dense, dtype=torch.int64),
+            )
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
