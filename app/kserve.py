@@ -5,7 +5,8 @@ The server holds one model, ``ctr``; its one version is the loaded checkpoint's.
 Its inputs are one tensor per field, named as the field, shape ``[-1]``: BYTES for
 a sparse field (a string per row; "" is missing) and FP32 for a dense one (a number
 per row; null is missing). Its output is ``probability``, FP32, shape ``[-1]``.
-JSON tensor data only (the binary tensor extension is not offered). Errors are
+Tensor data in JSON, or binary (the binary tensor data extension, ``app.tensordata``:
+what Triton's clients send by default), answered in kind. Errors are
 ``{"error": "..."}`` with 400 (a bad request) or 404 (no such model or version).
 """
 
@@ -18,9 +19,11 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
+from app import tensordata
 from app.config import Settings
-from app.errors import ServiceError
+from app.errors import ClientGone, ServiceError
 from app.routes import authorize, json_body, json_response, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
@@ -28,6 +31,7 @@ from app.serving import ServingModel
 MODEL_NAME = "ctr"
 PLATFORM = "pytorch_deepfm"
 OUTPUT = "probability"
+BINARY_TYPES = frozenset({"", "application/octet-stream"})
 
 
 class ProtocolError(Exception):
@@ -175,7 +179,11 @@ def build_v2_router() -> APIRouter:
     @router.get("", summary="Server metadata")
     async def server_metadata() -> Response:
         return json_response(
-            {"name": "ctr-serve", "version": metadata.version("ctr-serve"), "extensions": []}
+            {
+                "name": "ctr-serve",
+                "version": metadata.version("ctr-serve"),
+                "extensions": [tensordata.EXTENSION],
+            }
         )
 
     @router.get("/health/live", summary="Server liveness")
@@ -297,20 +305,31 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     runtime = runtime_of(request)
     try:
         _authorize(request, runtime)
-        if "inference-header-content-length" in request.headers:
-            raise ProtocolError(
-                "binary tensor data is not supported: send JSON data (binary_data=False)"
-            )
-        raw = await json_body(request, untyped=True)
+        header = request.headers.get(tensordata.HEADER)
+        # A binary body is no JSON: its content type is Triton's (none) or octet-stream.
+        binary = header is not None and request.headers.get("content-type", "") in BINARY_TYPES
+        raw = await (request.body() if binary else json_body(request, untyped=True))
         # The model that checks the request scores it (see app.routes.predict).
         model = runtime.model
         _check_model(runtime, name, version, model)
+        data = b""
+        if header is not None:
+            raw, data = tensordata.split(raw, header)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ProtocolError(f"the body is not valid JSON: {exc}") from None
+        if isinstance(body, dict):
+            tensordata.attach(body.get("inputs"), data)
+        elif data:
+            raise ProtocolError("binary data with no inference request before it")
         rows, request_id = _rows(body, model, runtime.settings)
         probabilities, served_by, _ = await runtime.predict_many(model, rows)
+    except tensordata.BinaryDataError as exc:
+        runtime.metrics.errors.labels("v2").inc()
+        return error(str(exc), 400)
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection") from None
     except ProtocolError as exc:
         runtime.metrics.errors.labels("v2").inc()
         return error(str(exc), exc.status, exc.headers)
@@ -331,6 +350,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     }
     if request_id is not None:
         answer["id"] = request_id
+    if tensordata.wants_binary(body):
+        content, header_length = tensordata.encode(answer, probabilities)
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={tensordata.HEADER: str(header_length)},
+        )
     return json_response(answer)
 
 

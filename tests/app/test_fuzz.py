@@ -152,3 +152,40 @@ def test_deep_nesting_is_a_clear_4xx(server_url: str, depth: int) -> None:
 
 
 JSON = {"content-type": "application/json"}
+
+
+tensors = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(FIELDS) | st.text(max_size=4),
+        "datatype": st.sampled_from(["BYTES", "FP32", "INT64"]),
+        "shape": st.lists(st.integers(-2, 6), max_size=2),
+    },
+    optional={
+        "parameters": st.fixed_dictionaries(
+            {"binary_data_size": st.integers(-2, 40) | json_scalars}
+        ),
+        "data": json_values,
+    },
+)
+
+
+@given(
+    inputs=st.lists(tensors, max_size=4),
+    data=st.binary(max_size=120),
+    header=st.none() | st.integers(-3, 400).map(str) | st.text("0123456789x-+.", max_size=4),
+)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_arbitrary_binary_tensor_data_is_never_a_5xx(
+    server_url: str, inputs: list[dict[str, Any]], data: bytes, header: str | None
+) -> None:
+    """The binary tensor data extension: any header length, sizes and bytes."""
+    head = json.dumps({"inputs": inputs}).encode()
+    length = str(len(head)) if header is None else header
+    response = httpx.post(
+        server_url + "/v2/models/ctr/infer",
+        content=head + data,
+        headers={"Inference-Header-Content-Length": length},
+    )
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert set(response.json()) == {"error"}, (response.status_code, response.text)

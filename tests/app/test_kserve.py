@@ -3,6 +3,8 @@ against the running server, and their error cases."""
 
 from __future__ import annotations
 
+import json
+import struct
 from typing import Any
 
 import httpx
@@ -27,7 +29,7 @@ def test_the_triton_client_reads_health_and_metadata(server_url: str, offline: P
     assert client.is_model_ready(MODEL, model_version=offline.checkpoint.version)
     assert not client.is_model_ready("other")
     server = client.get_server_metadata()
-    assert server["name"] == "ctr-serve" and server["extensions"] == []
+    assert server["name"] == "ctr-serve" and server["extensions"] == ["binary_tensor_data"]
     model = client.get_model_metadata(MODEL)
     assert model["name"] == MODEL and model["versions"] == [offline.checkpoint.version]
     inputs = {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]}
@@ -40,10 +42,14 @@ def test_the_triton_client_reads_health_and_metadata(server_url: str, offline: P
         client.get_model_metadata("other")
 
 
-@pytest.mark.parametrize("versioned", [False, True])
+@pytest.mark.parametrize(
+    ("versioned", "binary"), [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_triton_inference_equals_predict_many(
-    server_url: str, offline: Predictor, versioned: bool
+    server_url: str, offline: Predictor, versioned: bool, binary: bool
 ) -> None:
+    """tritonclient as its users call it: with its defaults (binary tensors in and out),
+    or with JSON data."""
     rows = random_rows(offline, 64, seed=8, values=30)
     # A tensor has a value for every row: a dense value is a number (missing: the
     # field's mean after its transform would differ, so fill them), a sparse "" is
@@ -55,23 +61,19 @@ def test_triton_inference_equals_predict_many(
     for name in CRITEO_DENSE:
         tensor = triton.InferInput(name, [len(rows)], "FP32")
         tensor.set_data_from_numpy(
-            np.array([row[name] for row in rows], dtype=np.float32), binary_data=False
+            np.array([row[name] for row in rows], dtype=np.float32), binary_data=binary
         )
         inputs.append(tensor)
     for name in CRITEO_SPARSE:
         tensor = triton.InferInput(name, [len(rows)], "BYTES")
         values = [str(row[name]) if row.get(name) is not None else "" for row in rows]
-        tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=False)
+        tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=binary)
         inputs.append(tensor)
     client = triton.InferenceServerClient(url=server_url.removeprefix("http://"))
     version = offline.checkpoint.version if versioned else ""
-    result = client.infer(
-        MODEL,
-        inputs,
-        model_version=version,
-        request_id="r-1",
-        outputs=[triton.InferRequestedOutput("probability", binary_data=False)],
-    )
+    # The default: no outputs named (all of them, in binary).
+    outputs = None if binary else [triton.InferRequestedOutput("probability", binary_data=False)]
+    result = client.infer(MODEL, inputs, model_version=version, request_id="r-1", outputs=outputs)
     got = result.as_numpy("probability")
     assert got.dtype == np.float32 and got.shape == (len(rows),)
     response = result.get_response()
@@ -134,13 +136,107 @@ async def test_v2_errors_use_the_protocols_shape(
     assert message in response.json()["error"]
 
 
-async def test_v2_refuses_binary_data_and_bad_json(client: httpx.AsyncClient) -> None:
-    binary = await client.post(
+def binary_request(inputs: list[dict[str, Any]], data: bytes) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": inputs}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def strings(*values: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "data", "message"),
+    [
+        # a header length past the body
+        (None, b"", "past the body"),
+        # a tensor's data size that does not match its shape
+        (
+            [{"name": "I1", "datatype": "FP32", "shape": [3], "binary_data_size": 8}],
+            b"\0" * 8,
+            "2 values for shape [3]",
+        ),
+        # FP32 data that is not whole floats
+        (
+            [{"name": "I1", "datatype": "FP32", "shape": [1], "binary_data_size": 3}],
+            b"\0" * 3,
+            "FP32 data of 3 bytes",
+        ),
+        # a truncated BYTES element, and a truncated length
+        (
+            [{"name": "C1", "datatype": "BYTES", "shape": [1], "binary_data_size": 6}],
+            struct.pack("<I", 5) + b"ab",
+            "cut off",
+        ),
+        (
+            [{"name": "C1", "datatype": "BYTES", "shape": [1], "binary_data_size": 2}],
+            b"\1\0",
+            "length is cut off",
+        ),
+        # fewer bytes than the sizes say; more bytes than they say
+        (
+            [{"name": "C1", "datatype": "BYTES", "shape": [1], "binary_data_size": 40}],
+            strings(b"a"),
+            "left",
+        ),
+        (
+            [{"name": "C1", "datatype": "BYTES", "shape": [1], "binary_data_size": 5}],
+            strings(b"a") + b"xx",
+            "belong to no input",
+        ),
+        # not UTF-8; non-finite floats
+        (
+            [{"name": "C1", "datatype": "BYTES", "shape": [1], "binary_data_size": 6}],
+            strings(b"\xff\xfe"),
+            "not UTF-8",
+        ),
+        (
+            [{"name": "I1", "datatype": "FP32", "shape": [1], "binary_data_size": 4}],
+            struct.pack("<f", float("nan")),
+            "finite",
+        ),
+    ],
+)
+async def test_malformed_binary_tensor_data_is_a_400(
+    client: httpx.AsyncClient, inputs: list[dict[str, Any]] | None, data: bytes, message: str
+) -> None:
+    if inputs is None:
+        content, headers = b"{}", {"Inference-Header-Content-Length": "99"}
+    else:
+        for tensor in inputs:
+            tensor["parameters"] = {"binary_data_size": tensor.pop("binary_data_size")}
+        content, headers = binary_request(inputs, data)
+    response = await client.post("/v2/models/ctr/infer", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+async def test_binary_answers_in_kind(client: httpx.AsyncClient, offline: Predictor) -> None:
+    data = strings(b"x", b"05db9164")
+    body = {
+        "inputs": [
+            {"name": "C1", "datatype": "BYTES", "shape": [2]}
+            | {"parameters": {"binary_data_size": len(data)}},
+            {"name": "I1", "datatype": "FP32", "shape": [2], "data": [3.0, 1.0]},
+        ],
+        "outputs": [{"name": "probability", "parameters": {"binary_data": True}}],
+    }
+    header = json.dumps(body).encode()
+    response = await client.post(
         "/v2/models/ctr/infer",
-        content=b"{}",
-        headers={"Inference-Header-Content-Length": "2"},
+        content=header + data,
+        headers={"Inference-Header-Content-Length": str(len(header))},
     )
-    assert binary.status_code == 400 and "binary" in binary.json()["error"]
+    assert response.status_code == 200
+    length = int(response.headers["inference-header-content-length"])
+    answer = json.loads(response.content[:length])
+    assert answer["outputs"][0]["parameters"] == {"binary_data_size": 8}
+    got = np.frombuffer(response.content[length:], dtype="<f4")
+    expected = offline.predict_rows([{"C1": "x", "I1": 3.0}, {"C1": "05db9164", "I1": 1.0}])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+async def test_v2_refuses_bad_json(client: httpx.AsyncClient) -> None:
     broken = await client.post("/v2/models/ctr/infer", content=b"{nope")
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
     nested = await client.post(

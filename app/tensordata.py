@@ -1,0 +1,117 @@
+"""The Open Inference Protocol's binary tensor data extension, as Triton's clients send it.
+
+A request with the header ``Inference-Header-Content-Length: n`` has a JSON header
+in its first n bytes, then the raw data of every input whose ``parameters`` give a
+``binary_data_size``, in the order the inputs are listed. FP32 data is little-endian
+float32; BYTES data is, per element, a 4-byte little-endian length and the bytes.
+An answer in binary is the same: a JSON header, whose outputs give their
+``binary_data_size`` instead of ``data``, then their bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+
+HEADER = "inference-header-content-length"
+EXTENSION = "binary_tensor_data"
+_LENGTH = struct.Struct("<I")
+
+
+class BinaryDataError(ValueError):
+    """The binary part of a request does not match what its header says."""
+
+
+def split(raw: bytes, header: str) -> tuple[bytes, bytes]:
+    """The JSON header and the binary data of a request, by the header's length."""
+    if not header.isdigit():
+        raise BinaryDataError(f"{HEADER} must be a byte count, not {header!r}")
+    length = int(header)
+    if length > len(raw):
+        raise BinaryDataError(f"{HEADER} is {length}, past the body's {len(raw)} bytes")
+    return raw[:length], raw[length:]
+
+
+def attach(inputs: Any, data: bytes) -> None:
+    """Give each input whose parameters name a ``binary_data_size`` its decoded values as
+    ``data``, taken from ``data`` in order; every byte must be used."""
+    if not isinstance(inputs, list):
+        return  # (the request's own validation says what is wrong)
+    offset = 0
+    for tensor in inputs:
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is None:
+            continue
+        name = tensor.get("name")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BinaryDataError(f"input {name!r}: binary_data_size must be a byte count")
+        if "data" in tensor:
+            raise BinaryDataError(f"input {name!r} has both data and binary_data_size")
+        if offset + size > len(data):
+            raise BinaryDataError(
+                f"input {name!r}: {size} bytes of binary data, {len(data) - offset} left"
+            )
+        chunk = data[offset : offset + size]
+        offset += size
+        datatype = tensor.get("datatype")
+        if datatype == "FP32":
+            tensor["data"] = _floats(chunk, name)
+        elif datatype == "BYTES":
+            tensor["data"] = _strings(chunk, name)
+        else:
+            raise BinaryDataError(f"input {name!r}: no binary form for datatype {datatype!r}")
+    if offset != len(data):
+        raise BinaryDataError(f"{len(data) - offset} bytes of binary data belong to no input")
+
+
+def _floats(chunk: bytes, name: Any) -> list[float]:
+    if len(chunk) % 4:
+        raise BinaryDataError(f"input {name!r}: FP32 data of {len(chunk)} bytes")
+    values: list[float] = np.frombuffer(chunk, dtype="<f4").astype(np.float64).tolist()
+    return values
+
+
+def _strings(chunk: bytes, name: Any) -> list[str]:
+    out: list[str] = []
+    offset = 0
+    while offset < len(chunk):
+        if offset + 4 > len(chunk):
+            raise BinaryDataError(f"input {name!r}: a BYTES element's length is cut off")
+        (length,) = _LENGTH.unpack_from(chunk, offset)
+        offset += 4
+        if offset + length > len(chunk):
+            raise BinaryDataError(f"input {name!r}: a BYTES element is cut off")
+        try:
+            out.append(chunk[offset : offset + length].decode())
+        except UnicodeDecodeError:
+            raise BinaryDataError(f"input {name!r}: a BYTES element is not UTF-8") from None
+        offset += length
+    return out
+
+
+def wants_binary(body: dict[str, Any]) -> bool:
+    """Whether the answer's outputs go in binary: asked per output, or for all."""
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict) and parameters.get("binary_data_output") is True:
+        return True
+    outputs = body.get("outputs")
+    return isinstance(outputs, list) and any(
+        isinstance(o, dict)
+        and isinstance(o.get("parameters"), dict)
+        and o["parameters"].get("binary_data") is True
+        for o in outputs
+    )
+
+
+def encode(answer: dict[str, Any], values: np.ndarray) -> tuple[bytes, int]:
+    """An answer with its one output in binary: the body and its JSON header's length."""
+    data = values.astype("<f4").tobytes()
+    output = answer["outputs"][0]
+    output.pop("data", None)
+    output["parameters"] = {"binary_data_size": len(data)}
+    header = orjson.dumps(answer)
+    return header + data, len(header)
