@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-big-calls bench-redis bench-soak
+.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-big-calls bench-rank bench-redis bench-soak
 
 serve:
 	scripts/serve
@@ -29,6 +29,9 @@ bench-serve:
 
 bench-big-calls:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.big_calls
+
+bench-rank:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.rank
 
 bench-redis:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.redis_tier
