@@ -56,9 +56,9 @@ def v2_body(rows: list[dict[str, Any]], binary: bool) -> tuple[bytes, dict[str, 
     inputs, data = [], []
     for name in (*CRITEO_DENSE, *CRITEO_SPARSE):
         dense = name in CRITEO_DENSE
-        values = [
-            float(row.get(name) or 0.0) if dense else str(row.get(name) or "") for row in rows
-        ]
+        numbers = [float(row.get(name) or 0.0) for row in rows]
+        texts = [str(row.get(name) or "") for row in rows]
+        values: list[Any] = numbers if dense else texts
         tensor: dict[str, Any] = {
             "name": name,
             "datatype": "FP32" if dense else "BYTES",
@@ -66,9 +66,9 @@ def v2_body(rows: list[dict[str, Any]], binary: bool) -> tuple[bytes, dict[str, 
         }
         if binary:
             raw = (
-                struct.pack(f"<{len(values)}f", *values)
+                struct.pack(f"<{len(numbers)}f", *numbers)
                 if dense
-                else b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
+                else b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
             )
             tensor["parameters"] = {"binary_data_size": len(raw)}
             data.append(raw)
