@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from app import tensordata
 from app.config import Settings
 from app.errors import ClientGone, ServiceError
-from app.routes import authorize, json_body, json_response, runtime_of
+from app.http import authorize, json_body, json_response, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from app.config import Settings
-from app.routes import json_body, json_response, validate
+from app.http import json_body, json_response, validate
 from app.schemas import RequestSchemas
 from model.checkpoint import load_checkpoint
 

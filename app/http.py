@@ -1,0 +1,111 @@
+"""HTTP plumbing every endpoint module shares: the runtime of a request, the API key,
+JSON bodies in and out, validation against a compiled schema, OpenAPI pieces."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, Request
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect
+
+from app.errors import ClientGone, InvalidRequest, Unauthorized, UnsupportedMediaType
+from app.runtime import Runtime
+from app.schemas import ErrorResponse, error_details
+
+JSON = "application/json"
+
+
+# The prediction routes take the runtime and check the key themselves (see
+# app.routes.prediction_routes). Dependencies are async where used: FastAPI runs a sync
+# one on a thread pool.
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    return runtime_of(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def authorize(request: Request, runtime: Runtime) -> None:
+    """401 unless the request carries the API key (when one is set)."""
+    expected = runtime.settings.api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("missing or invalid X-API-Key")
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code, media_type=JSON
+    )
+
+
+async def json_body(request: Request, *, optional: bool = False, untyped: bool = False) -> bytes:
+    """The raw body of a JSON request, else 415. ``optional``: an empty body needs no
+    content type; ``untyped``: no content type at all is taken as JSON (Triton's
+    clients send none)."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection") from None
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    is_json = media == JSON or (media.startswith("application/") and media.endswith("+json"))
+    if not is_json and not (optional and not raw) and not (untyped and not content_type):
+        raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
+    return raw
+
+
+def validate(body: bytes, adapter: TypeAdapter[Any]) -> Any:
+    """The body, validated from its raw bytes by a model's compiled schema."""
+    try:
+        return adapter.validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(error_details(exc)) from None
+
+
+def validate_value(value: Any, adapter: TypeAdapter[Any]) -> Any:
+    """``validate`` for a body already parsed."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidRequest(error_details(exc)) from None
+
+
+def body_schema(
+    adapter: TypeAdapter[Any], components: dict[str, Any], *, required: bool = True
+) -> dict[str, Any]:
+    """An OpenAPI requestBody for ``adapter``; its definitions go to ``components``."""
+    schema = adapter.json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    return {"required": required, "content": {JSON: {"schema": schema}}}
+
+
+ERROR_MEANINGS = {
+    401: "the API key is missing or wrong",
+    403: "the admin endpoints are off, or the path lies outside the models root",
+    404: "no checkpoint at that path",
+    409: "not possible in this configuration",
+    413: "the body, or its number of rows, is over its limit",
+    415: "the body is not declared as JSON",
+    422: "the body is malformed, or names or holds what the model refuses",
+    503: "overloaded (retry after Retry-After) or shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for the errors an operation answers, in the native error shape."""
+    return {
+        status: {"description": ERROR_MEANINGS[status], "model": ErrorResponse}
+        for status in statuses
+    }
