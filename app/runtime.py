@@ -18,12 +18,12 @@ import torch
 
 from app.batching import BatcherClosed, MicroBatcher
 from app.config import Settings
-from app.embeddings import EmbeddingStore, MemoryStore, Row
 from app.errors import InvalidCheckpoint, NotFound, NotReady, Overloaded
 from app.metrics import Metrics
-from app.redisclient import connect
-from app.redisstore import RedisStore
 from app.serving import Explained, ServingModel
+from app.store.base import EmbeddingStore, MemoryStore, Row
+from app.store.client import connect
+from app.store.redisstore import RedisStore
 from model.checkpoint import SPEC_FILE, Checkpoint, CheckpointError, load_checkpoint
 from model.deepfm import DeepFM
 

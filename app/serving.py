@@ -17,9 +17,9 @@ import numpy.typing as npt
 import torch
 
 from app.config import Settings
-from app.embeddings import EmbeddingStore, Row
 from app.metrics import Metrics
 from app.schemas import RequestSchemas
+from app.store.base import EmbeddingStore, Row
 from model.checkpoint import Checkpoint
 from model.deepfm import DeepFM, complement
 from model.predict import sigmoid

@@ -15,12 +15,13 @@ import httpx
 import numpy as np
 import pytest
 
-from app import publish as publish_module
 from app.config import Settings
 from app.metrics import Metrics
-from app.publish import Layout, PublishFailed, publish, read_manifest
-from app.redisclient import connect
 from app.runtime import Runtime
+from app.store import publisher as publish_module
+from app.store.client import connect
+from app.store.layout import Layout, read_manifest
+from app.store.publisher import PublishFailed, publish
 from model import default_model
 from model.checkpoint import Checkpoint
 from model.data import criteo_json_rows
@@ -297,7 +298,7 @@ async def test_redis_killed_while_requests_flow(
     """With the tables held, every request is answered, exactly, through the kill, and
     the store is back to ok once Redis is (it lost everything: the rows are republished)."""
     expected = offline.predict_rows(rows)
-    caplog.set_level(logging.INFO, logger="app.redisstore")
+    caplog.set_level(logging.INFO, logger="app.store.redisstore")
     async with make_client(redis_url=redis_server.url, local_cache_rows=200) as client:
         results: dict[int, float] = {}
 
@@ -324,7 +325,9 @@ async def test_redis_killed_while_requests_flow(
         await wait_for_state(client, "ok")
         np.testing.assert_allclose(await predict_all(client, rows), expected, rtol=0, atol=1e-6)
     warnings = [
-        r for r in caplog.records if r.name == "app.redisstore" and r.levelno == logging.WARNING
+        r
+        for r in caplog.records
+        if r.name == "app.store.redisstore" and r.levelno == logging.WARNING
     ]
     assert [r.getMessage().split(" (")[0] for r in warnings] == [
         "redis tier degraded",
@@ -456,7 +459,7 @@ async def test_a_slow_redis_is_one_degraded_episode_not_a_flapping_one(
     tables; the store stays degraded (probes use the batch budget) until Redis is fast
     again, and each transition is logged once."""
     proxy = await SlowProxy(redis_server.port, delay=0.15).start()
-    caplog.set_level(logging.INFO, logger="app.redisstore")
+    caplog.set_level(logging.INFO, logger="app.store.redisstore")
     try:
         async with make_client(redis_url=proxy.url, redis_timeout_ms=50) as client:
             assert (await store_of(client))["state"] == "ok"  # start-up allows 2 s
@@ -478,7 +481,7 @@ async def test_a_slow_redis_is_one_degraded_episode_not_a_flapping_one(
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "app.redisstore" and r.levelno == logging.WARNING
+        if r.name == "app.store.redisstore" and r.levelno == logging.WARNING
     ]
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("redis tier degraded (timeout")

@@ -1,9 +1,9 @@
 """The Redis embedding store: rows from an in-process LRU, then Redis, then the tables.
 
 For a batch, the unique ``(field, value)`` pairs are looked up in the LRU
-(``app.rowcache``); the misses go to Redis in one pipelined round trip (one per
+(``app.store.rowcache``); the misses go to Redis in one pipelined round trip (one per
 node of a cluster): an ``EXISTS`` of the version's manifest, then one ``HMGET``
-per partition hash (``app.publish`` has the layout). A value Redis does not have
+per partition hash (``app.store.layout`` has the layout). A value Redis does not have
 is OOV and gets its field's OOV row, which the replica holds; the answer is cached
 like any other row.
 
@@ -33,21 +33,20 @@ import numpy.typing as npt
 import torch
 
 from app.config import Settings
-from app.embeddings import EmbeddingStore, Encoded, Row, StoreState
 from app.metrics import Metrics
-from app.publish import (
+from app.store.base import EmbeddingStore, Encoded, Row, StoreState
+from app.store.client import RedisClient
+from app.store.layout import (
     ROW_DTYPE,
     SENTINEL,
     Layout,
-    PublishFailed,
     check_manifest,
     manifest,
     missing_partitions,
-    publish,
     read_manifest,
 )
-from app.redisclient import RedisClient
-from app.rowcache import MISS, Key, RowCache
+from app.store.publisher import PublishFailed, publish
+from app.store.rowcache import MISS, Key, RowCache
 from model.checkpoint import TABLES, Checkpoint, load_checkpoint
 from model.deepfm import DeepFM
 

@@ -6,7 +6,7 @@ as redis-py reads them (``rediss://:password@host:6380/0?ssl_ca_certs=...``);
 ``CTR_REDIS_CLUSTER=true`` reads the URL as one node of a Redis Cluster.
 
 The client never retries by itself: the store has a time budget per batch and
-its own way back from a failure (see ``app.redisstore``).
+its own way back from a failure (see ``app.store.redisstore``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from app.rowcache import MISS, RowCache
+from app.store.rowcache import MISS, RowCache
 
 OOV = np.array([[-1.0, -1.0], [-2.0, -2.0]], dtype=np.float32)  # two fields, width 2
 

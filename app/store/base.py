@@ -1,7 +1,7 @@
 """The embedding store: where a batch's embedding rows ``[w_f[x], V_f[x]_1..k]`` come from.
 
 ``MemoryStore`` reads them from the checkpoint tables held in the process;
-``app.redisstore.RedisStore`` from an in-process LRU, then Redis, then (when held)
+``app.store.redisstore.RedisStore`` from an in-process LRU, then Redis, then (when held)
 the tables. Both turn raw rows into the model's input the same way.
 """
 

@@ -1,0 +1,190 @@
+"""Publishing a checkpoint's embedding rows to Redis (``app.store.layout`` has where they go).
+
+``ctr:manifest:v`` (JSON: key format, fields, partitions, row width, row count)
+is written after every row: a version without it is not published, whatever
+rows it has. ``ctr:lock:v`` keeps two publishers of one version from writing at
+once; it expires if its holder dies, and the holder renews it as it writes.
+Publishing is idempotent: a complete version (a manifest, and every partition
+hash there) is never written again; one whose hashes went missing is written
+again under the lock, its manifest removed first.
+
+    python -m app.publish [--model-dir DIR]     (CTR_REDIS_URL, CTR_REDIS_CLUSTER)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+from redis.exceptions import LockError, RedisError
+
+from app.config import Settings
+from app.store.client import RedisClient, connect
+from app.store.layout import (
+    ROW_DTYPE,
+    SENTINEL,
+    Layout,
+    check_manifest,
+    manifest,
+    missing_partitions,
+    read_manifest,
+)
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.features import value_key
+
+log = logging.getLogger(__name__)
+
+LOCK_TTL_S = 30.0  # a publisher that died holds the lock this long at most
+WRITE_BATCH_ROWS = 20_000  # rows per pipeline round trip while publishing
+
+
+class PublishFailed(Exception):
+    """Writing a version's rows failed (its cause says why); nothing was marked complete."""
+
+
+async def publish(
+    client: RedisClient,
+    checkpoint: Checkpoint,
+    partitions: int,
+    tables: Callable[[], Checkpoint] | None = None,
+) -> bool:
+    """Make sure ``checkpoint``'s rows are published; True when this call wrote them.
+
+    Waits while another publisher holds the version's lock, and returns as soon as
+    the version is complete, whoever completed it. ``tables`` gives the checkpoint
+    with its tables when ``checkpoint`` lacks them; it is called (on a thread) only
+    once this call holds the lock. Raises PublishFailed when writing fails.
+    """
+    layout = Layout(checkpoint.version, partitions)
+    expected = manifest(checkpoint, partitions)
+    fields = len(expected["fields"])
+    lock = client.lock(layout.lock_key, timeout=LOCK_TTL_S, blocking=True, thread_local=False)
+    while True:
+        if (found := await read_manifest(client, layout.version)) is not None:
+            check_manifest(found, expected)
+            if not await missing_partitions(
+                client, Layout(layout.version, found["partitions"]), fields
+            ):
+                return False
+        if await lock.acquire(blocking_timeout=1.0):
+            break
+    try:
+        if (found := await read_manifest(client, layout.version)) is not None:
+            check_manifest(found, expected)
+            # Published, but some of its hashes are gone: write it again, in the layout
+            # the replicas already read (the manifest's partition count), and mark it
+            # complete again only once every row is back.
+            layout = Layout(layout.version, int(found["partitions"]))
+            gone = await missing_partitions(client, layout, fields)
+            if not gone:
+                return False
+            log.warning(
+                "%d partition hashes of %s are gone (a node restarted empty?): publishing again",
+                len(gone),
+                layout.version,
+            )
+            await client.delete(layout.manifest_key)
+            expected["partitions"] = layout.partitions
+        started = time.perf_counter()
+        try:
+            full = checkpoint if tables is None else await asyncio.to_thread(tables)
+            await _write_rows(client, full, layout, lock)
+            del full
+            expected["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+            await client.set(layout.manifest_key, orjson.dumps(expected))
+        except Exception as exc:
+            raise PublishFailed(f"{layout.version}: {type(exc).__name__}: {exc}") from exc
+        log.info(
+            "published %d rows of %s in %.1f s",
+            expected["rows"],
+            layout.version,
+            time.perf_counter() - started,
+        )
+        return True
+    finally:
+        try:
+            await lock.release()
+        except LockError:  # it expired meanwhile; the manifest, if written, still counts
+            log.warning("the publish lock of %s expired before its release", layout.version)
+
+
+async def _write_rows(
+    client: RedisClient, checkpoint: Checkpoint, layout: Layout, lock: Any
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    for key in layout.partition_keys(len(checkpoint.features.embedded_fields)):
+        pipe.hset(key, SENTINEL, b"1")
+    pending = len(layout.partition_keys(len(checkpoint.features.embedded_fields)))
+    for j, f in enumerate(checkpoint.features.embedded_fields):
+        assert f.vocab is not None
+        rows = checkpoint.table_rows(j)[1:].numpy().astype(ROW_DTYPE)
+        # Packing is CPU work: on a thread, so a replica publishing keeps answering.
+        partitioned = await asyncio.to_thread(_partitions, layout, j, f.vocab.values, rows)
+        del rows
+        for key, mapping in partitioned.items():
+            values = list(mapping.items())
+            for start in range(0, len(values), 1000):
+                pipe.hset(key, mapping=dict(values[start : start + 1000]))
+            pending += len(values)
+            if pending >= WRITE_BATCH_ROWS:
+                await pipe.execute()
+                await lock.reacquire()  # still ours, for another LOCK_TTL_S
+                pending = 0
+    await pipe.execute()
+
+
+def _partitions(
+    layout: Layout, field: int, values: Sequence[str], rows: np.ndarray
+) -> dict[str, dict[bytes, bytes]]:
+    """Hash key -> {value key: packed row} for one field."""
+    width = rows.shape[1] * ROW_DTYPE.itemsize
+    blob = rows.tobytes()
+    out: dict[str, dict[bytes, bytes]] = {}
+    for i, value in enumerate(values):
+        raw = value_key(value).encode()
+        key = layout.partition_key(field, zlib.crc32(raw) % layout.partitions)
+        out.setdefault(key, {})[raw] = blob[i * width : (i + 1) * width]
+    return out
+
+
+async def _main(settings: Settings, model_dir: str | None) -> int:
+    if settings.redis_url is None:
+        log.error("CTR_REDIS_URL is not set: nowhere to publish")
+        return 2
+    try:
+        checkpoint = await asyncio.to_thread(load_checkpoint, model_dir or settings.model_dir)
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 1
+    client = connect(settings, timeout_s=30.0)
+    try:
+        wrote = await publish(client, checkpoint, settings.redis_partitions)
+    except (RedisError, OSError, PublishFailed, ValueError) as exc:
+        # Redis unreachable or refusing, a write failing midway (nothing marked complete),
+        # or a published manifest that disagrees with this checkpoint.
+        log.error("publishing %s failed: %s", checkpoint.version, exc)
+        return 1
+    finally:
+        await client.aclose()
+    print(f"{checkpoint.version}: {'published' if wrote else 'already published'}")  # noqa: T201
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", help="checkpoint to publish (default: CTR_MODEL_DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return asyncio.run(_main(Settings(), args.model_dir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
