@@ -56,8 +56,8 @@ def v2_body(rows: list[dict[str, Any]], binary: bool) -> tuple[bytes, dict[str, 
     inputs, data = [], []
     for name in (*CRITEO_DENSE, *CRITEO_SPARSE):
         dense = name in CRITEO_DENSE
-        numbers = [float(row.get(name) or 0.0) for row in rows]
-        texts = [str(row.get(name) or "") for row in rows]
+        numbers = [float(row.get(name) or 0.0) for row in rows] if dense else []
+        texts = [] if dense else [str(row.get(name) or "") for row in rows]
         values: list[Any] = numbers if dense else texts
         tensor: dict[str, Any] = {
             "name": name,
