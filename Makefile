@@ -1,11 +1,15 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test lint model bench-quality bench-deepctr bench-memory bench-serve bench-big-calls bench-rank bench-redis bench-soak
+.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-memory bench-serve bench-big-calls bench-rank bench-redis bench-soak
 
 serve:
 	scripts/serve
 
 test:
 	scripts/test
+
+# The image and docker-compose.yml on a Docker engine (skipped without one).
+test-engine:
+	scripts/test -m engine tests/deploy
 
 lint:
 	scripts/lint
