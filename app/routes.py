@@ -198,36 +198,33 @@ def prediction_docs(
             }
         ]
     }
-    docs.add_api_route(
-        "/predict",
-        predict,
-        methods=["POST"],
-        response_model=PredictResponse,
-        responses=error_responses(*PREDICTION_ERRORS),
-        openapi_extra={"requestBody": body_schema(schemas.predict, components), **key_header},
-        summary="Click probability of one row",
-    )
-    docs.add_api_route(
-        "/predict_many",
-        predict_many,
-        methods=["POST"],
-        response_model=PredictManyResponse,
-        responses=error_responses(*PREDICTION_ERRORS),
-        openapi_extra={
-            "requestBody": body_schema(schemas.predict_many, components),
-            **key_header,
-        },
-        summary=f"Click probabilities of up to {max_instances} rows",
-    )
-    docs.add_api_route(
-        "/rank",
-        rank,
-        methods=["POST"],
-        response_model=RankResponse,
-        responses=error_responses(*PREDICTION_ERRORS),
-        openapi_extra={"requestBody": body_schema(schemas.rank, components), **key_header},
-        summary=f"Click probabilities of up to {max_instances} candidates sharing one context",
-    )
+    declared = [
+        ("/predict", predict, PredictResponse, schemas.predict, "Click probability of one row"),
+        (
+            "/predict_many",
+            predict_many,
+            PredictManyResponse,
+            schemas.predict_many,
+            f"Click probabilities of up to {max_instances} rows",
+        ),
+        (
+            "/rank",
+            rank,
+            RankResponse,
+            schemas.rank,
+            f"Click probabilities of up to {max_instances} candidates sharing one context",
+        ),
+    ]
+    for path, endpoint, response, request, summary in declared:
+        docs.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            response_model=response,
+            responses=error_responses(*PREDICTION_ERRORS),
+            openapi_extra={"requestBody": body_schema(request, components), **key_header},
+            summary=summary,
+        )
     return docs
 
 
