@@ -9,6 +9,11 @@ therefore depends on the vocabularies and the model, not on the number of rows.
 Rows are split in file order: the first rows train, the next ``--valid-fraction``
 validate (early stopping on AUC) and the last ``--test-fraction`` are held out
 and scored once with the best weights.
+
+By default the embedding tables carry an L2 term over every row
+(``--embedding-l2``), optimised by Adam lazily (``model.lazy_adam``): a step
+costs the batch's rows, not the whole table. The learning rate is multiplied by
+``--lr-decay`` after each epoch whose validation AUC is no better than the best.
 """
 
 from __future__ import annotations
@@ -43,9 +48,15 @@ from model.data import (
 from model.deepfm import DeepFM, DeepFMConfig
 from model.evaluate import auc, logloss
 from model.features import SpecFitter, Transform
+from model.lazy_adam import LazyL2Adam
 from model.predict import EVAL_BATCH, predict_logits, sigmoid
 
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+TABLES = "sparse_rows.weight"
+# Options added after checkpoints began recording their config, at the value that
+# means "off": left out of the record, so that a run without them records (and
+# hashes to) what it did before they existed.
+RECORDED_WHEN_ON = {"embedding_l2": 0.0, "lr_decay": 1.0}
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,9 @@ class TrainConfig:
     embed_dim: int = 16
     hidden_units: tuple[int, ...] = (256, 128)
     dropout: float = 0.0
-    l2_embedding: float = 1e-6
+    l2_embedding: float = 0.0
+    embedding_l2: float = 1e-2
+    lr_decay: float = 0.1
     min_count: int = 1
     max_vocab: int | None = None
     dense_transform: Transform = "log"
@@ -101,6 +114,12 @@ def fingerprint(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 digest.update(block)
         out.append({"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
     return out
+
+
+def recorded_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as the checkpoint records it (see ``RECORDED_WHEN_ON``)."""
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    return {k: v for k, v in out.items() if RECORDED_WHEN_ON.get(k, object()) != v}
 
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
@@ -185,7 +204,7 @@ def train(
             "schema": asdict(schema),
         },
         "splits": {"train": num_train, "valid": num_valid, "test": num_test},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "config": recorded_config(config),
         "history": history,
     }
     version = save_checkpoint(
@@ -199,6 +218,69 @@ def train(
     return TrainResult(version, metrics, history, samples_per_s)
 
 
+class _Stepper:
+    """One training step: the loss of a batch, backward, the optimisers' steps.
+
+    Without ``embedding_l2`` one optimiser takes every parameter, the tables
+    densely. With it, the tables' rows go through ``LazyL2Adam`` (only the batch's
+    rows are gathered, differentiated and updated) and the rest through Adam.
+    """
+
+    def __init__(self, model: DeepFM, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.tables: LazyL2Adam | None = None
+        if config.embedding_l2 and model.sparse_rows is not None:
+            if config.optimizer != "adam":
+                raise ValueError("--embedding-l2 is optimised by Adam: use --optimizer adam")
+            self.tables = LazyL2Adam(model.sparse_rows.weight, lr=config.lr, l2=config.embedding_l2)
+            rest = [p for name, p in model.named_parameters() if name != TABLES]
+            self.optimizer = make_optimizer(config.optimizer, rest, config.lr)
+        else:
+            self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.tables is not None:
+            self.tables.lr = lr
+
+    def finish_epoch(self) -> None:
+        """Bring every lazily updated row up to date (before validation or saving)."""
+        if self.tables is not None:
+            self.tables.catch_up_all()
+
+    def __call__(
+        self,
+        ids: np.ndarray,
+        dense: np.ndarray,
+        labels: np.ndarray,
+    ) -> float:
+        """Train on one batch; return its mean loss (without the regulariser)."""
+        y = torch.from_numpy(labels)
+        if self.tables is None:
+            rows = self.model.gather(torch.from_numpy(ids))
+        else:
+            flat = torch.from_numpy(ids) + self.model.offsets
+            unique, inverse = torch.unique(flat, return_inverse=True)
+            leaf = self.tables.fetch(unique).requires_grad_()
+            rows = leaf[inverse]
+        embeddings = rows[..., 1:]
+        logits = self.model.forward_rows(rows[..., 0], embeddings, torch.from_numpy(dense))
+        loss = self.loss_fn(logits, y)
+        objective = loss
+        if self.config.l2_embedding:
+            objective = loss + self.config.l2_embedding * embeddings.square().sum() / len(labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        self.optimizer.step()
+        if self.tables is not None:
+            assert leaf.grad is not None
+            self.tables.step(unique, leaf.grad)
+        return float(loss.item())
+
+
 def _fit(
     model: DeepFM,
     data: EncodedData,
@@ -207,13 +289,13 @@ def _fit(
     config: TrainConfig,
     progress: bool,
 ) -> tuple[list[dict[str, float]], dict[str, float], dict[str, torch.Tensor], float]:
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
+    stepper = _Stepper(model, config)
     rng = np.random.default_rng(config.seed)
     history: list[dict[str, float]] = []
     best: dict[str, float] = {"auc": -1.0}
     best_state: dict[str, torch.Tensor] = {}
     total_samples, total_seconds = 0, 0.0
+    lr = config.lr
     for epoch in range(1, config.epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -227,22 +309,13 @@ def _fit(
             leave=False,
         )
         for ids, dense, labels in data.batches(0, num_train, config.batch_size, rng=rng):
-            rows = model.gather(torch.from_numpy(ids))
-            embeddings = rows[..., 1:]
-            logits = model.forward_rows(rows[..., 0], embeddings, torch.from_numpy(dense))
-            loss = loss_fn(logits, torch.from_numpy(labels))
-            objective = loss
-            if config.l2_embedding:
-                objective = loss + config.l2_embedding * embeddings.square().sum() / len(labels)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(labels)
+            loss_sum += stepper(ids, dense, labels) * len(labels)
             seen += len(labels)
             bar.update(len(labels))
             if bar.n % (config.batch_size * 20) < config.batch_size:
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", rows_s=f"{seen / elapsed:,.0f}")
+        stepper.finish_epoch()
         bar.close()
         seconds = time.perf_counter() - started
         total_samples, total_seconds = total_samples + seen, total_seconds + seconds
@@ -255,6 +328,8 @@ def _fit(
             "valid_auc": valid["auc"],
             "valid_logloss": valid["logloss"],
         }
+        if config.lr_decay != 1.0:
+            record["lr"] = lr
         history.append(record)
         if progress:
             print(
@@ -268,6 +343,11 @@ def _fit(
             if progress:
                 print(f"early stop: no better valid AUC for {config.patience} epochs")
             break
+        else:
+            # Reduce on plateau, as FuxiCTR and Keras do: the next epoch takes smaller steps
+            # from where this one ended.
+            lr *= config.lr_decay
+            stepper.set_lr(lr)
     return history, best, best_state, total_samples / total_seconds
 
 
@@ -291,7 +371,21 @@ def main(argv: list[str] | None = None) -> None:
         "--l2-embedding",
         type=float,
         default=d.l2_embedding,
-        help="L2 penalty on the embedding rows of each batch",
+        help="L2 penalty on the embedding rows of each batch (the older regulariser)",
+    )
+    parser.add_argument(
+        "--embedding-l2",
+        type=float,
+        default=d.embedding_l2,
+        help="L2 over the whole embedding tables, l2/2 ||W||^2, applied lazily with Adam; "
+        "0 turns it off (and the tables take dense Adam steps)",
+    )
+    parser.add_argument(
+        "--lr-decay",
+        type=float,
+        default=d.lr_decay,
+        help="multiply the learning rate by this after an epoch without a better valid AUC "
+        "(1: constant)",
     )
     parser.add_argument(
         "--min-count",
@@ -346,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
         hidden_units=tuple(int(h) for h in names(args.hidden_units)),
         dropout=args.dropout,
         l2_embedding=args.l2_embedding,
+        embedding_l2=args.embedding_l2,
+        lr_decay=args.lr_decay,
         min_count=args.min_count,
         max_vocab=args.max_vocab,
         dense_transform=args.dense_transform,
