@@ -95,7 +95,7 @@ class Run:
 
 
 def ours_config(shared: Shared) -> TrainConfig:
-    train_rows, valid, test = shared.split
+    _, valid, test = shared.split
     return TrainConfig(
         epochs=shared.max_epochs,
         batch_size=shared.batch_size,
@@ -181,7 +181,12 @@ def fuxictr_dataset(path: Path, shared: Shared) -> tuple[Any, dict[str, str], fl
                     "preprocess": "convert_to_bucket",
                     "fill_na": 0,
                 },
-                {"name": list(CRITEO_SPARSE), "active": True, "dtype": "str", "type": "categorical"},
+                {
+                    "name": list(CRITEO_SPARSE),
+                    "active": True,
+                    "dtype": "str",
+                    "type": "categorical",
+                },
             ],
             label_col={"name": "label", "dtype": "float"},
             dataset_id=dataset_id,
