@@ -233,7 +233,9 @@ class _Stepper:
         self.tables: LazyL2Adam | None = None
         if config.embedding_l2 and model.sparse_rows is not None:
             if config.optimizer != "adam":
-                raise ValueError("--embedding-l2 is optimised by Adam: use --optimizer adam")
+                raise ValueError(
+                    "--embedding-l2 is optimised by Adam: use --optimizer adam, or --embedding-l2 0"
+                )
             self.tables = LazyL2Adam(model.sparse_rows.weight, lr=config.lr, l2=config.embedding_l2)
             rest = [p for name, p in model.named_parameters() if name != TABLES]
             self.optimizer = make_optimizer(config.optimizer, rest, config.lr)
@@ -376,9 +378,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--embedding-l2",
         type=float,
-        default=d.embedding_l2,
-        help="L2 over the whole embedding tables, l2/2 ||W||^2, applied lazily with Adam; "
-        "0 turns it off (and the tables take dense Adam steps)",
+        default=None,
+        help=f"L2 over the whole embedding tables, l2/2 ||W||^2, applied lazily with Adam "
+        f"(default: {d.embedding_l2} with adam, 0 with another optimizer); 0 turns it off "
+        "(and the tables take dense steps)",
     )
     parser.add_argument(
         "--lr-decay",
@@ -440,7 +443,11 @@ def main(argv: list[str] | None = None) -> None:
         hidden_units=tuple(int(h) for h in names(args.hidden_units)),
         dropout=args.dropout,
         l2_embedding=args.l2_embedding,
-        embedding_l2=args.embedding_l2,
+        embedding_l2=(
+            args.embedding_l2
+            if args.embedding_l2 is not None
+            else (d.embedding_l2 if args.optimizer == "adam" else 0.0)
+        ),
         lr_decay=args.lr_decay,
         min_count=args.min_count,
         max_vocab=args.max_vocab,
