@@ -218,7 +218,7 @@ def train(
     return TrainResult(version, metrics, history, samples_per_s)
 
 
-class _Stepper:
+class Stepper:
     """One training step: the loss of a batch, backward, the optimisers' steps.
 
     Without ``embedding_l2`` one optimiser takes every parameter, the tables
@@ -291,7 +291,7 @@ def _fit(
     config: TrainConfig,
     progress: bool,
 ) -> tuple[list[dict[str, float]], dict[str, float], dict[str, torch.Tensor], float]:
-    stepper = _Stepper(model, config)
+    stepper = Stepper(model, config)
     rng = np.random.default_rng(config.seed)
     history: list[dict[str, float]] = []
     best: dict[str, float] = {"auc": -1.0}
