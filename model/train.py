@@ -53,6 +53,7 @@ from model.predict import EVAL_BATCH, predict_logits, sigmoid
 
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 TABLES = "sparse_rows.weight"
+ALL_THREADS = torch.get_num_threads()  # torch's default, before any run changes it
 # Options added after checkpoints began recording their config, at the value that
 # means "off": left out of the record, so that a run without them records (and
 # hashes to) what it did before they existed.
@@ -159,8 +160,9 @@ def train(
     """Train on ``paths`` and write the best model's checkpoint to ``out``."""
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    # Always set: float sums depend on the thread count, and an earlier run in the same
+    # process may have changed it; "all" is torch's own default for this machine.
+    torch.set_num_threads(config.threads or ALL_THREADS)
     num_rows = count_rows(paths, fmt)
     num_test = round(num_rows * config.test_fraction)
     num_valid = round(num_rows * config.valid_fraction)
