@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-memory bench-serve bench-big-calls bench-rank bench-redis bench-soak
+.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-big-calls bench-rank bench-redis bench-soak
 
 serve:
 	scripts/serve
@@ -23,6 +23,9 @@ bench-quality:
 
 bench-deepctr:
 	scripts/bootstrap && .venv/bin/pip install -q -e '.[bench]' && .venv/bin/python -m benchmarks.train_vs_deepctr
+
+bench-fuxictr:
+	scripts/bootstrap && .venv/bin/pip install -q -e '.[bench]' && .venv/bin/python -m benchmarks.train_vs_fuxictr
 
 bench-memory:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.train_memory

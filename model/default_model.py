@@ -24,15 +24,27 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default
 
 ROWS = 200_000
 DATA = SyntheticConfig(seed=2026, max_cardinality=1000)
+# The recipe as it was first written, whatever TrainConfig's defaults have become
+# since: the regulariser (per-batch L2 1e-6, no table L2) and a constant learning
+# rate are pinned, so models/default keeps its bytes and its version.
 TRAINING = TrainConfig(
     epochs=3,
     batch_size=1024,
     lr=1e-3,
+    optimizer="adam",
     embed_dim=16,
     hidden_units=(128, 64),
+    dropout=0.0,
+    l2_embedding=1e-6,
+    embedding_l2=0.0,
+    lr_decay=1.0,
     min_count=5,
+    max_vocab=None,
+    dense_transform="log",
+    bucketize=(),
     valid_fraction=0.1,
     test_fraction=0.1,
+    patience=2,
     seed=0,
     threads=1,
 )

@@ -12,6 +12,16 @@ cardinality, some fields often missing). Its true logit is
 with each term scaled to a configured std, and a few fields (a Dirichlet draw)
 carrying most of the first-order and pairwise signal, as in real logs.
 
+Two options make the truth harder for a DeepFM (both off by default, and drawn
+from random streams of their own, so a configuration without them writes the
+same bytes as before they existed):
+
+- ``field_aware=True``: each pair of fields interacts through its own matrix,
+  ``<u_f[x_f], A_fg u_g[x_g]>`` (as in FFM or FwFM), which shared embeddings
+  can only approximate;
+- ``three_way_std > 0``: a three-way term ``sum_{f<g<h} sum_r t_fr t_gr t_hr``
+  over factors ``t_f[x_f]`` of its own, scaled to that std.
+
 and its label is a Bernoulli draw of sigmoid(logit). The bias is solved so the
 mean click rate is ``base_ctr``. The generator writes the labels and features in
 the raw Criteo TSV format and, beside them (``<file>.truth``), the true click
@@ -55,12 +65,16 @@ class SyntheticConfig:
     dense_std: float = 0.5  # std of the non-linear dense term
     base_ctr: float = 0.1
     field_concentration: float = 0.5  # Dirichlet alpha of the fields' shares of the signal
+    field_aware: bool = False  # pairwise through a matrix per pair of fields
+    three_way_std: float = 0.0  # std of the three-way term (0: none)
 
     def __post_init__(self) -> None:
         if not 0.03 <= self.base_ctr <= 0.25:
             raise ValueError("base_ctr must be a realistic rate between 0.03 and 0.25")
         if not 1 < self.min_cardinality <= self.max_cardinality:
             raise ValueError("need 1 < min_cardinality <= max_cardinality")
+        if self.three_way_std < 0:
+            raise ValueError("three_way_std must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -119,11 +133,30 @@ class GroundTruth:
         self.w = rng.normal(0.0, 0.6, (num_dense, hidden))
         self.c = rng.normal(0.0, 1.0, hidden)
         self.v = rng.normal(0.0, 1.0, hidden)
+        # The options draw from a stream of their own: the draws above stay as they were.
+        extra = np.random.default_rng([config.seed, 3])
+        rank = config.interaction_rank
+        self.pair_matrices = (
+            extra.normal(0.0, rank**-0.5, (num_sparse, num_sparse, rank, rank))
+            if config.field_aware
+            else None
+        )
+        self.three_way = (
+            [extra.normal(0.0, s.factors.std(), s.factors.shape) for s in self.sparse]
+            if config.three_way_std > 0
+            else None
+        )
         # Scale each term to its configured std, then solve the bias for the base rate.
-        self.scale = np.ones(3)
+        self.scale = np.ones(4 if self.three_way is not None else 3)
         self.bias = 0.0
         terms = self._terms(np.random.default_rng([config.seed, 2]), 50_000)[0]
-        targets = (config.first_order_std, config.interaction_std, config.dense_std)
+        targets: tuple[float, ...] = (
+            config.first_order_std,
+            config.interaction_std,
+            config.dense_std,
+        )
+        if self.three_way is not None:
+            targets += (config.three_way_std,)
         self.scale = np.array(targets) / np.maximum(terms.std(axis=0), 1e-9)
         logits = self._terms(np.random.default_rng([config.seed, 2]), 50_000)[0].sum(axis=1)
         self.bias = _solve_bias(logits, config.base_ctr)
@@ -150,7 +183,8 @@ class GroundTruth:
         idx: npt.NDArray[np.int64],
         known: Sequence[npt.NDArray[np.bool_]] | None = None,
     ) -> FloatArray:
-        """The rows' logit terms ``n x 3``: first-order, pairwise and dense, scaled.
+        """The rows' logit terms ``n x 3``: first-order, pairwise and dense, scaled
+        (``n x 4`` with the three-way term last when the config has one).
 
         ``known`` (one mask over each field's values) zeroes the effects of the values
         it leaves out: the truth as seen by someone who knows only those values.
@@ -162,14 +196,32 @@ class GroundTruth:
         dense_term = np.tanh(_squash(dense) @ self.w + self.c) @ self.v
         factor_sum = np.zeros((n, self.config.interaction_rank))
         factor_sq = np.zeros(n)
+        gathered = []
+        power_sums = np.zeros((3, n, self.config.interaction_rank))  # sum_f t_f^p, p = 1..3
         for j, s in enumerate(self.sparse):
             keep = 1.0 if known is None else known[j][idx[:, j]].astype(np.float64)
             first += s.effect[idx[:, j]] * keep
             u = s.factors[idx[:, j]] * np.reshape(keep, (-1, 1))
             factor_sum += u
             factor_sq += np.square(u).sum(axis=1)
-        pairwise = 0.5 * (np.square(factor_sum).sum(axis=1) - factor_sq)
-        terms: FloatArray = np.column_stack((first, pairwise, dense_term)) * self.scale
+            gathered.append(u)
+            if self.three_way is not None:
+                t = self.three_way[j][idx[:, j]] * np.reshape(keep, (-1, 1))
+                power_sums += np.stack((t, t**2, t**3))
+        if self.pair_matrices is None:
+            pairwise = 0.5 * (np.square(factor_sum).sum(axis=1) - factor_sq)
+        else:
+            pairwise = np.zeros(n)
+            for f in range(len(gathered)):
+                for g in range(f + 1, len(gathered)):
+                    pairwise += ((gathered[f] @ self.pair_matrices[f, g]) * gathered[g]).sum(axis=1)
+        columns = [first, pairwise, dense_term]
+        if self.three_way is not None:
+            # The third elementary symmetric polynomial of the fields' factors, from power
+            # sums (Newton's identities): sum over f<g<h without the triple loop.
+            p1, p2, p3 = power_sums
+            columns.append(((p1**3 - 3 * p1 * p2 + 2 * p3) / 6).sum(axis=1))
+        terms: FloatArray = np.column_stack(columns) * self.scale
         return terms
 
     def _terms(
@@ -272,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )
+    parser.add_argument("--field-aware", action="store_true", help="a matrix per field pair")
+    parser.add_argument("--three-way-std", type=float, default=defaults.three_way_std)
     args = parser.parse_args(argv)
     config = SyntheticConfig(**{k: v for k, v in vars(args).items() if k not in ("rows", "out")})
     written = generate(args.out, args.rows, config)

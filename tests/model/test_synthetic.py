@@ -5,7 +5,7 @@ import pytest
 
 from model.data import CRITEO_SCHEMA, count_rows, read_chunks
 from model.evaluate import auc
-from model.synthetic import SyntheticConfig, generate, read_truth
+from model.synthetic import GroundTruth, SyntheticConfig, generate, read_truth
 from tests.conftest import GENERATED_ROWS
 
 
@@ -46,3 +46,25 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 def test_unrealistic_rates_are_refused() -> None:
     with pytest.raises(ValueError, match="base_ctr"):
         SyntheticConfig(base_ctr=0.5)
+
+
+def test_field_aware_and_three_way_options_add_their_terms(tmp_path: Path) -> None:
+    plain = SyntheticConfig(seed=11, max_cardinality=50)
+    harder = SyntheticConfig(seed=11, max_cardinality=50, field_aware=True, three_way_std=0.3)
+    generate(tmp_path / "plain.tsv", 3000, plain)
+    generate(tmp_path / "harder.tsv", 3000, harder)
+    # The options draw from streams of their own: the rows' features are the same, only
+    # the truth (and so the labels) changes.
+    strip = [line.split("\t", 1)[1] for line in (tmp_path / "plain.tsv").read_text().splitlines()]
+    strip_h = [
+        line.split("\t", 1)[1] for line in (tmp_path / "harder.tsv").read_text().splitlines()
+    ]
+    assert strip == strip_h
+    assert not np.allclose(read_truth(tmp_path / "plain.tsv"), read_truth(tmp_path / "harder.tsv"))
+    truth = GroundTruth(harder)
+    dense, idx = truth.replay(3000)
+    terms = truth.terms(dense, idx)
+    assert terms.shape == (3000, 4)
+    np.testing.assert_allclose(terms.std(axis=0)[3], 0.3, rtol=0.2)  # scaled to its std
+    with pytest.raises(ValueError, match="three_way_std"):
+        SyntheticConfig(three_way_std=-1.0)
