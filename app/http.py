@@ -50,20 +50,26 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     )
 
 
-async def json_body(request: Request, *, optional: bool = False, untyped: bool = False) -> bytes:
-    """The raw body of a JSON request, else 415. ``optional``: an empty body needs no
-    content type; ``untyped``: no content type at all is taken as JSON (Triton's
-    clients send none)."""
+async def read_body(request: Request) -> bytes:
+    """The raw body; a client that hung up before sending all of it is ClientGone."""
     try:
-        raw = await request.body()
+        return await request.body()
     except ClientDisconnect:
         raise ClientGone("the client closed the connection") from None
+
+
+async def json_body(request: Request, *, optional: bool = False, untyped: bool = False) -> bytes:
+    """The raw body of a JSON request, else 415 (before reading it, where it can tell).
+    ``optional``: an empty body needs no content type; ``untyped``: no content type at
+    all is taken as JSON (Triton's clients send none)."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     is_json = media == JSON or (media.startswith("application/") and media.endswith("+json"))
-    if not is_json and not (optional and not raw) and not (untyped and not content_type):
-        raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
-    return raw
+    if is_json or (untyped and not content_type):
+        return await read_body(request)
+    if optional and not await read_body(request):
+        return b""
+    raise UnsupportedMediaType(f"Content-Type must be {JSON}, not {content_type!r}")
 
 
 def validate(body: bytes, adapter: TypeAdapter[Any]) -> Any:

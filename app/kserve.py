@@ -19,12 +19,11 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
 from app import tensordata
 from app.config import Settings
-from app.errors import ClientGone, ServiceError
-from app.http import authorize, json_body, json_response, runtime_of
+from app.errors import ServiceError
+from app.http import authorize, json_body, json_response, read_body, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
 
@@ -308,7 +307,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         header = request.headers.get(tensordata.HEADER)
         # A binary body is no JSON: its content type is Triton's (none) or octet-stream.
         binary = header is not None and request.headers.get("content-type", "") in BINARY_TYPES
-        raw = await (request.body() if binary else json_body(request, untyped=True))
+        raw = await (read_body(request) if binary else json_body(request, untyped=True))
         # The model that checks the request scores it (see app.routes.predict).
         model = runtime.model
         _check_model(runtime, name, version, model)
@@ -328,8 +327,6 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     except tensordata.BinaryDataError as exc:
         runtime.metrics.errors.labels("v2").inc()
         return error(str(exc), 400)
-    except ClientDisconnect:
-        raise ClientGone("the client closed the connection") from None
     except ProtocolError as exc:
         runtime.metrics.errors.labels("v2").inc()
         return error(str(exc), exc.status, exc.headers)

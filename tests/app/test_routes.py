@@ -307,8 +307,17 @@ async def test_unknown_paths_and_methods_are_4xx(client: httpx.AsyncClient) -> N
     assert 'ctr_requests_total{endpoint="other",status="404"}' in text
 
 
-@pytest.mark.parametrize("path", ["/predict", "/v2/models/ctr/infer"])
-async def test_a_client_that_disconnects_mid_body_is_not_an_error(path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/predict", [(b"content-type", b"application/json")]),
+        ("/v2/models/ctr/infer", [(b"content-type", b"application/json")]),
+        ("/v2/models/ctr/infer", [(b"inference-header-content-length", b"10")]),  # binary
+    ],
+)
+async def test_a_client_that_disconnects_mid_body_is_not_an_error(
+    path: str, headers: list[tuple[bytes, bytes]]
+) -> None:
     """It used to surface as an unexpected error (500, with a traceback in the log), and
     still did on the v2 route."""
     from asgi_lifespan import LifespanManager
@@ -338,7 +347,7 @@ async def test_a_client_that_disconnects_mid_body_is_not_an_error(path: str) -> 
             "root_path": "",
             "client": ("127.0.0.1", 1),
             "server": ("127.0.0.1", 80),
-            "headers": [(b"content-type", b"application/json")],
+            "headers": headers,
             "state": manager._state,
         }  # the lifespan state, as a server would pass it
         await app(scope, receive, send)
