@@ -21,9 +21,10 @@ from app.metrics import Metrics
 from app.schemas import RequestSchemas
 from app.store.base import EmbeddingStore, Row
 from model.checkpoint import Checkpoint
-from model.deepfm import DeepFM, complement
+from model.deepfm import DeepFM, Split
 from model.predict import sigmoid
 
+SPLITS_KEPT = 64  # distinct context field sets whose split is kept
 Explained = dict[str, Any]  # one row's explanation (app.schemas.Explanation)
 
 
@@ -46,6 +47,7 @@ class ServingModel:
         self._model = model
         self._metrics = metrics
         self._chunk_rows = settings.chunk_rows
+        self._splits: dict[frozenset[str], Split] = {}  # (only the batcher's thread uses it)
 
     def predict(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
         """Click probabilities of ``rows``, in order. CPU-bound: call it off the event loop."""
@@ -68,29 +70,38 @@ class ServingModel:
         """Click probabilities of ``rows`` with ``context``'s fields merged into each (a
         ranking request: ``predict`` of the merged rows), the context encoded, gathered
         and multiplied once (``DeepFM.forward_shared``). CPU-bound, as ``predict``."""
-        shared_fields, shared_dense = self._context_positions(frozenset(context))
+        split = self._split(frozenset(context))
         context_rows, context_dense = self.store.encode([context])
         gathered, dense = self.store.encode(rows)
         with torch.inference_mode():
-            c = context_rows[0, shared_fields]
-            n_fields = complement(shared_fields, gathered.shape[1])
-            n_dense = complement(shared_dense, dense.shape[1])
-            candidates = torch.from_numpy(dense[:, n_dense.numpy()])
-            n = gathered[:, n_fields]
+            c = context_rows[0, split.context_fields]
+            n = gathered[:, split.other_fields]
             logits = self._model.forward_shared(
-                (c[:, 0], c[:, 1:], torch.from_numpy(context_dense[0, shared_dense.numpy()])),
-                (n[..., 0], n[..., 1:], candidates),
-                shared_fields,
-                shared_dense,
+                (
+                    c[:, 0],
+                    c[:, 1:],
+                    torch.from_numpy(context_dense[0, split.context_dense.numpy()]),
+                ),
+                (n[..., 0], n[..., 1:], torch.from_numpy(dense[:, split.other_dense.numpy()])),
+                split,
             )
         self._metrics.rows_predicted.inc(len(rows))
         return sigmoid(logits.numpy())
 
-    def _context_positions(self, names: frozenset[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embedded and the dense positions of the fields named in a context."""
-        embedded = [j for j, f in enumerate(self.features.embedded_fields) if f.name in names]
-        dense = [j for j, f in enumerate(self.features.dense_fields) if f.name in names]
-        return torch.tensor(embedded, dtype=torch.int64), torch.tensor(dense, dtype=torch.int64)
+    def _split(self, names: frozenset[str]) -> Split:
+        """How a context naming the fields ``names`` divides the model's input: worked
+        out once per set of names (a ranking client sends the same few), LRU-bounded."""
+        split = self._splits.pop(names, None)
+        if split is None:
+            embedded = [j for j, f in enumerate(self.features.embedded_fields) if f.name in names]
+            dense = [j for j, f in enumerate(self.features.dense_fields) if f.name in names]
+            split = self._model.split(
+                torch.tensor(embedded, dtype=torch.int64), torch.tensor(dense, dtype=torch.int64)
+            )
+            if len(self._splits) >= SPLITS_KEPT:
+                del self._splits[next(iter(self._splits))]
+        self._splits[names] = split  # (most recent last)
+        return split
 
     def explain(self, rows: Sequence[Row]) -> tuple[npt.NDArray[np.float64], list[Explained]]:
         """``predict``, and each row's logit split into parts (``DeepFM.explain_rows``)."""

@@ -19,7 +19,7 @@ embedding store), so a server need not hold the tables.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,17 @@ class DeepFMConfig:
             hidden_units=tuple(int(h) for h in data["hidden_units"]),
             dropout=float(data["dropout"]),
         )
+
+
+class Split(NamedTuple):
+    """How a ranking request's context divides a DeepFM's input (``DeepFM.split``)."""
+
+    context_fields: Tensor  # embedded positions the context holds
+    context_dense: Tensor  # dense positions the context holds
+    other_fields: Tensor  # the rest, the candidates'
+    other_dense: Tensor
+    context_columns: Tensor  # the DNN input columns of the context's values
+    other_columns: Tensor
 
 
 class FactorizationMachine(nn.Module):
@@ -163,12 +174,28 @@ class DeepFM(nn.Module):
             "logit": y_lin + y_fm + dnn,
         }
 
+    def split(self, context_fields: Tensor, context_dense: Tensor) -> Split:
+        """How a context holding the embedded fields ``context_fields`` and the dense
+        fields ``context_dense`` (int64 positions, ascending) divides this model's
+        input, worked out once for ``forward_shared``."""
+        fields, k = self.config.num_fields, self.config.embed_dim
+        other_fields = complement(context_fields, fields)
+        other_dense = complement(context_dense, self.config.num_dense)
+        columns = torch.arange(fields * k).view(fields, k)
+        return Split(
+            context_fields,
+            context_dense,
+            other_fields,
+            other_dense,
+            torch.cat((columns[context_fields].flatten(), fields * k + context_dense)),
+            torch.cat((columns[other_fields].flatten(), fields * k + other_dense)),
+        )
+
     def forward_shared(
         self,
         context: tuple[Tensor, Tensor, Tensor],
         candidates: tuple[Tensor, Tensor, Tensor],
-        context_fields: Tensor,
-        context_dense: Tensor,
+        split: Split,
     ) -> Tensor:
         """Logits ``N`` of N candidates that share one context (a ranking request): equal
         to ``forward_rows`` on the rows with the context merged into each, but the
@@ -176,9 +203,7 @@ class DeepFM(nn.Module):
 
         context: (first_order ``Fc``, embeddings ``Fc x k``, dense ``Dc``) of the context's
         fields; candidates: (first_order ``N x Fn``, embeddings ``N x Fn x k``, dense
-        ``N x Dn``) of the others; context_fields: the ``Fc`` embedded field positions
-        (int64, ascending) the context holds, the candidates the rest in order;
-        context_dense: likewise the ``Dc`` dense positions.
+        ``N x Dn``) of the others, in ``split``'s order (``DeepFM.split``).
 
             y_lin = [b + sum_c w_c + u_c.z_c] + sum_n w_n + u_n.z_n
             y_fm  = 1/2 sum_k [(S_c + S_n)^2 - (Q_c + Q_n)],  S = sum of e, Q = sum of e^2
@@ -186,23 +211,18 @@ class DeepFM(nn.Module):
         """
         c_first, c_emb, c_dense = context
         n_first, n_emb, n_dense = candidates
-        fields, num_dense = self.config.num_fields, self.config.num_dense
-        k = self.config.embed_dim
-        n_fields = complement(context_fields, fields)
-        n_dense_at = complement(context_dense, num_dense)
         u = self.dense_weight
-        shared_lin = self.bias + c_first.sum() + c_dense @ u[context_dense]
-        y_lin = shared_lin + n_first.sum(dim=1) + n_dense @ u[n_dense_at]
+        shared_lin = self.bias + c_first.sum() + c_dense @ u[split.context_dense]
+        y_lin = shared_lin + n_first.sum(dim=1) + n_dense @ u[split.other_dense]
         s = c_emb.sum(dim=0) + n_emb.sum(dim=1)  # N x k
         q = c_emb.square().sum(dim=0) + n_emb.square().sum(dim=1)
         y_fm = 0.5 * (s.square() - q).sum(dim=1)
         first, *rest = self.deep.mlp
         assert isinstance(first, nn.Linear)
-        columns = torch.arange(fields * k).view(fields, k)
-        c_cols = torch.cat((columns[context_fields].flatten(), fields * k + context_dense))
-        n_cols = torch.cat((columns[n_fields].flatten(), fields * k + n_dense_at))
-        shared_h = first.weight[:, c_cols] @ torch.cat((c_emb.flatten(), c_dense)) + first.bias
-        h = torch.cat((n_emb.flatten(1), n_dense), dim=1) @ first.weight[:, n_cols].T + shared_h
+        context_x = torch.cat((c_emb.flatten(), c_dense))
+        shared_h = first.weight[:, split.context_columns] @ context_x + first.bias
+        other_x = torch.cat((n_emb.flatten(1), n_dense), dim=1)
+        h = other_x @ first.weight[:, split.other_columns].T + shared_h
         for layer in rest:
             h = layer(h)
         return y_lin + y_fm + h.squeeze(-1)

@@ -95,10 +95,15 @@ def test_forward_shared_equals_forward_rows_for_every_split() -> None:
         other_dense = [d for d in range(3) if d not in shared_dense]
         with torch.inference_mode():
             expected = model.forward_rows(rows[..., 0], rows[..., 1:], merged_dense)
+            split = model.split(
+                torch.tensor(shared, dtype=torch.int64),
+                torch.tensor(shared_dense, dtype=torch.int64),
+            )
+            assert split.other_fields.tolist() == others
+            assert split.other_dense.tolist() == other_dense
             got = model.forward_shared(
                 (rows[0, shared, 0], rows[0, shared, 1:], merged_dense[0, shared_dense]),
                 (rows[:, others, 0], rows[:, others, 1:], merged_dense[:, other_dense]),
-                torch.tensor(shared, dtype=torch.int64),
-                torch.tensor(shared_dense, dtype=torch.int64),
+                split,
             )
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
