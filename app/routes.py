@@ -74,11 +74,11 @@ async def predict(request: Request) -> Response:
 async def validate_rows(
     raw: bytes, schemas: RequestSchemas, key: str, limit: int, *, rank: bool = False
 ) -> Any:
-    """A body of many rows (under ``key``) validated by ``whole``. Past SLICED_BODY_BYTES,
-    with the same answers and errors, but in two steps: the ``envelope`` with its rows
-    unchecked, then the rows a slice at a time, the event loop free between slices
-    (validating 10,000 rows in one go held it, and every other call, for 200 ms).
-    More rows than ``limit``: 413."""
+    """A /predict_many (or, ``rank``, /rank) body, its rows under ``key``, validated by
+    its schema. Past SLICED_BODY_BYTES, with the same answers and errors, in two steps:
+    the envelope with its rows unchecked, then the rows a slice at a time, the event
+    loop free between slices (validating 10,000 rows in one go held it, and every other
+    call, for 200 ms). More rows than ``limit``: 413."""
     whole = schemas.rank if rank else schemas.predict_many
     envelope = schemas.rank_envelope if rank else schemas.predict_many_envelope
     if len(raw) <= SLICED_BODY_BYTES:

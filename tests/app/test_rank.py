@@ -128,3 +128,20 @@ async def test_bad_rankings_are_4xx_naming_the_field_and_candidate(
         assert bad_value.json()["detail"][0]["loc"] == ["body", "candidates", 1, "I1"]
         missing = await rank({"candidates": [{}]})
         assert missing.status_code == 422
+
+
+async def test_rank_answers_exactly_while_redis_is_down(
+    make_client: ClientFactory, redis_server: RedisServer, offline: Predictor
+) -> None:
+    """Redis killed: the context's and the candidates' rows come from the tables."""
+    rows = random_rows(offline, 30, seed=12, values=30)
+    context, candidates = split(rows, set(FIELDS[:20]))
+    merged = [{**context, **candidate} for candidate in candidates]
+    async with make_client(redis_url=redis_server.url, local_cache_rows=10) as client:
+        redis_server.kill()
+        ranked = await client.post("/rank", json={"context": context, "candidates": candidates})
+        assert ranked.status_code == 200
+        assert (await client.get("/readyz")).json()["embedding_store"]["state"] == "degraded"
+    np.testing.assert_allclose(
+        ranked.json()["probabilities"], offline.predict_rows(merged), rtol=0, atol=1e-6
+    )
