@@ -49,6 +49,22 @@ class DeepFMConfig:
     def num_fields(self) -> int:
         return len(self.vocab_sizes)
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor of the module's state dict, without building it
+        (no torch operation: a process that forks workers may check a checkpoint)."""
+        k = self.embed_dim
+        shapes = {
+            "sparse_rows.weight": (sum(self.vocab_sizes), 1 + k),
+            "bias": (1,),
+            "dense_weight": (self.num_dense,),
+        }
+        width, layer = self.num_fields * k + self.num_dense, 0
+        for units in (*self.hidden_units, 1):
+            shapes[f"deep.mlp.{layer}.weight"] = (units, width)
+            shapes[f"deep.mlp.{layer}.bias"] = (units,)
+            width, layer = units, layer + (3 if self.dropout > 0 else 2)  # Linear, ReLU[, Dropout]
+        return shapes
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["vocab_sizes"] = list(self.vocab_sizes)
@@ -112,13 +128,22 @@ class DeepFM(nn.Module):
     offsets: Tensor
     sparse_rows: nn.Embedding | None
 
-    def __init__(self, config: DeepFMConfig, *, tables: bool = True) -> None:
+    def __init__(
+        self, config: DeepFMConfig, *, tables: bool = True, table: Tensor | None = None
+    ) -> None:
         """``tables=False`` builds the dense part only (``forward_rows``, no ``gather``):
-        a server reading its rows from an embedding store needs no table in memory."""
+        a server reading its rows from an embedding store needs no table in memory.
+
+        ``table``: the tables to hold (``sum_f V_f x (1 + k)``), as they are: no copy, no
+        initialisation, never written (a checkpoint's, mapped from a file and shared).
+        """
         super().__init__()
         self.config = config
         k = config.embed_dim
-        self.sparse_rows = nn.Embedding(sum(config.vocab_sizes), 1 + k) if tables else None
+        rows = sum(config.vocab_sizes)
+        if table is not None and tuple(table.shape) != (rows, 1 + k):
+            raise ValueError(f"table of shape {tuple(table.shape)}, expected {(rows, 1 + k)}")
+        self.sparse_rows = nn.Embedding(rows, 1 + k) if tables and table is None else None
         offsets = torch.tensor((0, *config.vocab_sizes[:-1]), dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.bias = nn.Parameter(torch.zeros(1))
@@ -128,6 +153,8 @@ class DeepFM(nn.Module):
             config.num_fields * k + config.num_dense, config.hidden_units, config.dropout
         )
         self.reset_parameters()
+        if table is not None:  # after reset_parameters, which would write to it
+            self.sparse_rows = nn.Embedding(rows, 1 + k, _weight=table)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -24,20 +24,32 @@ A category value of any length is valid. Values longer than ``KEY_CHARS`` are
 looked up by a fixed-size digest (``value_key``), in the vocabulary as in a
 server's row cache and in Redis, so what a looked-up value costs to keep is
 bounded whatever its length (URLs, user agents, search queries).
+
+Ids are looked up through one ``model.vocabindex.VocabIndex`` of every embedded
+field (``FeatureSpec.vocab_index``): the checkpoint's (``FeatureSpec.index``,
+maybe a memory map shared by worker processes), else one built from the fields'
+vocabularies when first needed. A spec with the index needs no vocabulary
+values at all (``Field.vocab`` None, ``Field.num_values`` its size); it gives
+exactly the ids the per-field dicts of before gave (``tests/model/
+test_vocabindex.py`` keeps that reference). The index is keyed by ``value_key``,
+so a server that holds lookup keys (the Redis tier) looks them up as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import repeat
+from itertools import cycle, repeat
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from model.vocabindex import NOT_A_KEY, VocabIndex
 
 Transform = Literal["category", "bucket", "log", "standard"]
 EMBEDDED_TRANSFORMS: frozenset[str] = frozenset({"category", "bucket"})
@@ -62,6 +74,26 @@ def value_key(value: str) -> str:
     return DIGEST_MARK + digest.hexdigest()
 
 
+def lookup_keys(values: Sequence[str]) -> list[str]:
+    """``value_key`` of every value; only the long ones cost a Python call."""
+    keys = list(values)
+    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+    for i in np.flatnonzero(lengths > KEY_CHARS).tolist():
+        keys[i] = value_key(keys[i])
+    return keys
+
+
+def column_keys(values: ObjectArray | Sequence[str | None]) -> list[str]:
+    """The lookup key of every category value of a column (str or None); a missing
+    value's is ``NOT_A_KEY``, which no vocabulary holds."""
+    column = np.asarray(values, dtype=object)
+    missing = column == None  # noqa: E711 (elementwise comparison)
+    if missing.any():
+        column = column.copy()
+        column[missing] = NOT_A_KEY
+    return lookup_keys(column.tolist())
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """The values of one embedded field; value ``values[i]`` has index ``i + 1``."""
@@ -69,24 +101,15 @@ class Vocabulary:
     values: tuple[str, ...]
 
     @cached_property
-    def index(self) -> dict[str | None, int]:
-        """Lookup key (``value_key``) -> index; look up with ``.get(key, 0)``."""
-        return {value_key(value): i for i, value in enumerate(self.values, start=1)}
+    def _index(self) -> VocabIndex:
+        return VocabIndex.build([lookup_keys(self.values)])
 
     def __len__(self) -> int:
         return len(self.values)
 
     def lookup(self, values: ObjectArray) -> npt.NDArray[np.int64]:
         """Indices of ``values`` (str or None); unseen and missing give 0."""
-        # map() with dict.get runs in C: no Python loop per row. A long value is not
-        # found by itself (the index holds its digest): those few are looked up again.
-        index = self.index
-        ids = np.fromiter(map(index.get, values, repeat(0)), dtype=np.int64, count=len(values))
-        for i in np.flatnonzero(ids == 0).tolist():
-            value = values[i]
-            if value is not None and len(value) > KEY_CHARS:
-                ids[i] = index.get(value_key(value), 0)
-        return ids
+        return self._index.lookup(0, column_keys(values))
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_text().encode()).hexdigest()
@@ -177,6 +200,9 @@ class FeatureSpec:
     """All input fields, in input order, and the encoding shared by training and serving."""
 
     fields: tuple[Field, ...]
+    # The embedded fields' vocabulary index (a checkpoint's, maybe memory-mapped); None:
+    # built from the fields' vocabularies when first needed.
+    index: VocabIndex | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.fields]
@@ -184,6 +210,22 @@ class FeatureSpec:
             raise ValueError(f"duplicate field names in {names}")
         if not self.embedded_fields:
             raise ValueError("a DeepFM needs at least one sparse (embedded) field")
+        sizes = tuple(size - 1 for size in self.vocab_sizes)
+        if self.index is not None and self.index.sizes != sizes:
+            raise ValueError(f"the index holds {self.index.sizes} values, the fields {sizes}")
+
+    @cached_property
+    def vocab_index(self) -> VocabIndex:
+        """The index every id lookup goes through: ``index``, else one built from the
+        fields' vocabularies (RuntimeError when they are not loaded)."""
+        if self.index is not None:
+            return self.index
+        for f in self.embedded_fields:
+            if f.vocab is None:
+                raise RuntimeError(f"field {f.name!r}: the vocabulary is not loaded")
+        return VocabIndex.build(
+            lookup_keys(f.vocab.values) for f in self.embedded_fields if f.vocab is not None
+        )
 
     @cached_property
     def embedded_fields(self) -> tuple[Field, ...]:
@@ -233,8 +275,7 @@ class FeatureSpec:
         for j, f in enumerate(self.embedded_fields):
             raw = columns.get(f.name)
             if raw is not None:
-                assert f.vocab is not None
-                ids[:, j] = f.vocab.lookup(f.categories(raw))
+                ids[:, j] = self.vocab_index.lookup(j, column_keys(f.categories(raw)))
         raw_dense = np.full((num_rows, len(self.dense_fields)), np.nan)
         for j, f in enumerate(self.dense_fields):
             if f.name in columns:
@@ -257,18 +298,6 @@ class FeatureSpec:
             dense_columns=[position[f.name] for f in self.dense_fields],
         )
 
-    @cached_property
-    def _category_lookups(self) -> tuple[tuple[str, dict[str | None, int]], ...]:
-        """(name, value -> index) of every category field, in ``_row_plan`` order."""
-        return tuple(
-            (name, self._vocab(self.by_name[name]).index) for name in self._row_plan.category_names
-        )
-
-    def _vocab(self, f: Field) -> Vocabulary:
-        if f.vocab is None:
-            raise RuntimeError(f"field {f.name!r}: the vocabulary is not loaded")
-        return f.vocab
-
     def _raw_dense(self, rows: Sequence[Mapping[str, Any]]) -> FloatArray:
         """Every dense-kind input of ``rows``, ``B x len(dense_inputs)``; None becomes NaN."""
         inputs = self._row_plan.dense_inputs
@@ -288,28 +317,17 @@ class FeatureSpec:
         as its decimal string; None or an absent field is missing.
         """
         plan = self._row_plan
-        lookups = self._category_lookups
+        index = self.vocab_index
+        names = plan.category_names
         num_rows = len(rows)
         raw_dense = self._raw_dense(rows)
         ids = np.zeros((num_rows, len(self.embedded_fields)), dtype=np.int64)
-        ids[:, plan.category_columns] = np.array(
-            [
-                [
-                    index.get(
-                        v
-                        if (v := row.get(name)).__class__ is str and len(v) <= KEY_CHARS
-                        else _category(v),
-                        0,
-                    )
-                    for name, index in lookups
-                ]
-                for row in rows
-            ],
-            dtype=np.int64,
-        ).reshape(num_rows, len(lookups))
+        # Every category value of every row, row-major, hashed and searched in one pass.
+        keys = [row.get(name) for row in rows for name in names]
+        found = index.find(_row_keys(keys), cycle(plan.category_columns))
+        ids[:, plan.category_columns] = found.reshape(num_rows, len(names))
         for j, position in plan.bucket_columns:
-            vocab = self._vocab(self.embedded_fields[j])
-            ids[:, j] = vocab.lookup(bucketize(raw_dense[:, position]))
+            ids[:, j] = index.lookup(j, column_keys(bucketize(raw_dense[:, position])))
         return ids, self.transform_dense(raw_dense[:, plan.dense_columns])
 
     def categorize_rows(
@@ -352,10 +370,14 @@ class FeatureSpec:
 
     @classmethod
     def from_json(
-        cls, fields: Iterable[Mapping[str, Any]], vocabs: Mapping[str, Vocabulary]
+        cls,
+        fields: Iterable[Mapping[str, Any]],
+        vocabs: Mapping[str, Vocabulary],
+        index: VocabIndex | None = None,
     ) -> FeatureSpec:
         """The spec of ``fields`` (spec.json); an embedded field absent from ``vocabs``
-        keeps only its size (see ``Field.num_values``)."""
+        keeps only its size (see ``Field.num_values``). ``index``: the fields' vocabulary
+        index, which lets a spec without the vocabularies look ids up."""
         built = []
         for f in fields:
             embedded = f["transform"] in EMBEDDED_TRANSFORMS
@@ -369,7 +391,7 @@ class FeatureSpec:
                     num_values=int(f["vocab_size"]) - 1 if embedded and vocab is None else None,
                 )
             )
-        return cls(tuple(built))
+        return cls(tuple(built), index)
 
 
 def _category(value: Any) -> str | None:
@@ -378,6 +400,26 @@ def _category(value: Any) -> str | None:
     if value is None:
         return None
     return value_key(value if value.__class__ is str else str(value))
+
+
+def _row_keys(values: list[Any]) -> list[str]:
+    """``values`` (raw sparse values of rows) made lookup keys in place (``_key``): the
+    loops in C, Python only for the few that are not short strings."""
+    count = len(values)
+    strings = np.fromiter(map(operator.is_, map(type, values), repeat(str)), bool, count=count)
+    for i in np.flatnonzero(~strings).tolist():
+        values[i] = _key(values[i])
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
+    for i in np.flatnonzero(lengths > KEY_CHARS).tolist():
+        values[i] = value_key(values[i])
+    return values
+
+
+def _key(value: Any) -> str:
+    """``_category``, but a missing value's key is ``NOT_A_KEY`` (found nowhere)."""
+    return (
+        NOT_A_KEY if value is None else value_key(value if value.__class__ is str else str(value))
+    )
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,21 @@ def test_forward_shared_equals_forward_rows_for_every_split() -> None:
                 split,
             )
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_state_shapes_are_the_modules_without_building_it(dropout: float) -> None:
+    config = DeepFMConfig((5, 3, 7), num_dense=2, embed_dim=4, hidden_units=(6, 5), dropout=dropout)
+    shapes = {name: tuple(t.shape) for name, t in DeepFM(config).state_dict().items()}
+    assert config.state_shapes() == shapes
+
+
+def test_a_given_table_is_held_as_it_is() -> None:
+    config = DeepFMConfig((5, 3), num_dense=1, embed_dim=4, hidden_units=(6,))
+    table = torch.arange(8 * 5, dtype=torch.float32).view(8, 5)
+    model = DeepFM(config, tables=False, table=table)
+    assert model.sparse_rows is not None
+    assert model.sparse_rows.weight.data_ptr() == table.data_ptr()
+    assert torch.equal(table, torch.arange(8 * 5, dtype=torch.float32).view(8, 5))  # not reset
+    with pytest.raises(ValueError, match="expected"):
+        DeepFM(config, table=table[:7])

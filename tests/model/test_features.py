@@ -133,12 +133,7 @@ def test_categories_then_vocabularies_equal_encode_rows() -> None:
     rows = [{"i1": 2, "i2": 3, "c1": "x", "c2": 80}, {"i1": None, "c1": None}, {}, {"c2": "z"}]
     columns, dense = s.categorize_rows(rows)
     assert columns == [["1", None, None, None], ["x", None, None, None], ["80", None, None, "z"]]
-    ids = np.array(
-        [
-            [f.vocab.index.get(v, 0) for v in column]  # type: ignore[union-attr]
-            for f, column in zip(s.embedded_fields, columns, strict=True)
-        ]
-    ).T
+    ids = np.array([s.vocab_index.lookup(j, column) for j, column in enumerate(columns)]).T
     ids_rows, dense_rows = s.encode_rows(rows)
     np.testing.assert_array_equal(ids, ids_rows)
     np.testing.assert_array_equal(dense, dense_rows)
