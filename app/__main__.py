@@ -2,68 +2,69 @@
 environment (CTR_*) and the command line (``--help`` lists them; an option wins over
 its variable).
 
-One process by default; ``CTR_WORKERS=n`` runs n under uvicorn's supervisor.
+One worker process per CPU available by default (``CTR_WORKERS``), under a supervisor
+(``app.supervisor``); with one, the process serves alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
-import uvicorn
 from pydantic import ValidationError
 
 from app.config import Settings, UnknownSetting
 from app.logs import configure
-from app.main import create_app
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, but a graceful stop on SIGTERM or SIGINT exits with status 0.
-
-    (uvicorn re-raises the signal after shutting down, so the process would die of
-    it, status 143, and look like a crash to whatever started it.)
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
-    # SIGHUP reloads the model once the app runs (app.main); until then, and with
-    # several workers (uvicorn's supervisor handles it: it restarts the workers), it
-    # must not terminate the process, its default action.
+    # SIGHUP reloads the model once the server runs; until then it must not terminate
+    # the process, its default action.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = Settings.of_server(sys.argv[1:] if argv is None else argv)
     except (UnknownSetting, ValidationError) as exc:
         raise SystemExit(f"python -m app: {exc}") from None
     configure(settings.log_level)
-    options: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": None,
-        "access_log": False,
-        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
-    }
-    if settings.workers > 1:
-        # uvicorn's supervisor: each worker process builds its app from the environment,
-        # which must then hold the command line's options too.
-        os.environ.update(settings.environment())
-        uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **options)
+    # The imports below come after the settings on purpose: prometheus_client picks its
+    # multiprocess mode when first imported, from PROMETHEUS_MULTIPROC_DIR.
+    if settings.worker_count == 1:
+        from app.server import serve_alone
+
+        serve_alone(settings)
         return
-    Server(uvicorn.Config(create_app(settings), **options)).run()
+    with scratch(settings) as (run_dir, metrics_dir):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        # NumPy's BLAS would start a thread per CPU in the supervisor (no process to fork
+        # from) and in every worker (whose CPU is its own).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        from app.server import run_worker
+        from app.supervisor import Supervisor
+
+        workers = settings.model_copy(update={"metrics_dir": metrics_dir})
+        status = Supervisor(workers, run_dir, run_worker).run()
+    raise SystemExit(status)
+
+
+@contextlib.contextmanager
+def scratch(settings: Settings) -> Iterator[tuple[Path, Path]]:
+    """The server's scratch folder (vocabulary indexes), removed at exit, and the
+    workers' metric files' folder: CTR_METRICS_DIR, emptied, else one in the scratch."""
+    path = Path(tempfile.mkdtemp(prefix="ctr-serve-"))
+    try:
+        metrics_dir = settings.metrics_dir or path / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        yield path, metrics_dir
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.cpus import available_cpus
 
 MiB = 1 << 20
 # The bundled model (model.default_model's recipe writes it there). Spelt out, not
@@ -88,13 +91,27 @@ class Settings(BaseSettings):
         "holding CTR_MODEL_DIR",
     )
     torch_threads: PositiveInt | None = Field(
-        None, description="torch intra-op threads; default: one per core but one"
+        None,
+        description="torch intra-op threads per worker; default: 1 with several workers, "
+        "else one per CPU but one",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: PositiveInt = 8000
-    workers: PositiveInt = Field(
-        1, description="server processes (python -m app); each loads its own model"
+    workers: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="worker processes (python -m app); auto: one per CPU this process may "
+        "use (affinity and cgroup quota). They share one copy of the model",
+    )
+    reload_timeout_s: PositiveInt = Field(
+        120,
+        description="with several workers: how long a reload waits for each to load the new "
+        "model; one that takes longer is replaced by one serving it",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="with several workers: the folder of their metric files (emptied at "
+        "start); default: a temporary folder removed at exit",
     )
     shutdown_timeout_s: PositiveInt = Field(
         30, description="on SIGTERM, how long in-flight calls may take before the exit"
@@ -120,21 +137,6 @@ class Settings(BaseSettings):
             return cls()
         return cls(_cli_parse_args=list(argv))
 
-    def environment(self) -> dict[str, str]:
-        """The settings given explicitly, as CTR_ variables: how worker processes, which
-        read the environment, get the options of the command line too."""
-        out = {}
-        for name in self.model_fields_set:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, bool):
-                value = "true" if value else "false"
-            out[PREFIX + name.upper()] = str(value)
-        return out
-
     @model_validator(mode="after")
     def _queue_holds_the_largest_call(self) -> Settings:
         if self.max_queued_rows < self.max_instances:
@@ -154,6 +156,19 @@ class Settings(BaseSettings):
     def admin_enabled(self) -> bool:
         """Whether /admin/* may act: behind the API key, or switched on explicitly."""
         return self.api_key is not None or self.admin_endpoints
+
+    @cached_property
+    def worker_count(self) -> int:
+        """The worker processes to run: as set, else one per CPU available."""
+        return available_cpus() if self.workers == "auto" else self.workers
+
+    @cached_property
+    def threads_per_worker(self) -> int:
+        """Torch intra-op threads in each worker: as set; else 1 with several workers
+        (they use the cores), else every CPU available but one (the event loop's)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return 1 if self.worker_count > 1 else max(1, available_cpus() - 1)
 
     @property
     def reload_root(self) -> Path:

@@ -78,7 +78,8 @@ class Overloaded(ServiceError):
     headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
 
 
-class Conflict(ServiceError):
-    """The request cannot be served in this configuration (409)."""
+class ReloadIncomplete(ServiceError):
+    """Some worker did not switch to the new model in time: it is replaced by one that
+    serves it (504)."""
 
-    status_code = 409
+    status_code = 504

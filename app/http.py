@@ -101,11 +101,11 @@ ERROR_MEANINGS = {
     401: "the API key is missing or wrong",
     403: "the admin endpoints are off, or the path lies outside the models root",
     404: "no checkpoint at that path",
-    409: "not possible in this configuration",
     413: "the body, or its number of rows, is over its limit",
     415: "the body is not declared as JSON",
     422: "the body is malformed, or names or holds what the model refuses",
     503: "overloaded (retry after Retry-After) or shutting down",
+    504: "a worker did not switch in time; it is replaced by one serving the new model",
 }
 
 

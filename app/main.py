@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
@@ -20,6 +22,7 @@ from fastapi.responses import JSONResponse
 from app import kserve
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
+from app.control import SupervisorLink
 from app.errors import ServiceError
 from app.kserve import build_v2_router
 from app.logs import configure
@@ -27,19 +30,29 @@ from app.metrics import Metrics, RequestMetricsMiddleware
 from app.routes import build_router, prediction_docs, prediction_routes
 from app.runtime import Runtime
 from app.schemas import RequestSchemas
-from model.checkpoint import load_checkpoint
+from model.checkpoint import Prepared, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    prepared: Prepared | None = None,
+    control: socket.socket | None = None,
+) -> FastAPI:
     """Build the app. The checkpoint is read here, so /docs shows the model's real fields
-    and a bad CTR_MODEL_DIR fails at once, with the loader's message."""
-    if settings is None:  # a server's factory (uvicorn --factory, a worker process)
+    and a bad CTR_MODEL_DIR fails at once, with the loader's message.
+
+    In a worker of several (``app.supervisor``): ``prepared`` is the checkpoint the
+    supervisor verified, ``control`` the worker's end of its channel to it.
+    """
+    if settings is None:  # a server's factory (uvicorn --factory)
         settings = Settings.of_server()
         configure(settings.log_level)
-    checkpoint = load_checkpoint(settings.model_dir, tables=settings.tables_in_process)
-    metrics = Metrics()
+    directory = settings.model_dir if prepared is None else prepared.directory
+    checkpoint = load_checkpoint(directory, tables=settings.tables_in_process, prepared=prepared)
+    metrics = Metrics(multiprocess_dir=settings.metrics_dir if control is not None else None)
 
     # Handed to the runtime once, then forgotten here: the runtime keeps the model
     # built from it, not a second copy of every tensor.
@@ -51,8 +64,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = await Runtime.start(settings, metrics, loaded)
         del loaded
         try:
-            with reload_on_sighup(runtime):
-                yield {"runtime": runtime}
+            if control is None:
+                with reload_on_sighup(runtime):
+                    yield {"runtime": runtime}
+            else:
+                # Its own reload may wait for every worker to load, then to swap.
+                link = SupervisorLink(control, 2 * settings.reload_timeout_s + 30)
+                # Its supervisor gone, the worker stops as on SIGTERM (draining).
+                await link.start(runtime, lambda: os.kill(os.getpid(), signal.SIGTERM))
+                try:
+                    yield {"runtime": runtime, "supervisor": link}
+                finally:
+                    await link.aclose()
         finally:
             await runtime.close()
             log.info("stopped")

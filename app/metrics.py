@@ -1,12 +1,30 @@
-"""Prometheus collectors of one app, in a registry of its own (no process-global state)."""
+"""Prometheus collectors of one app, in a registry of its own (no process-global state).
+
+With several workers (``app.supervisor``) every worker writes its values to files in
+one folder (prometheus-client's multiprocess mode, switched on by the supervisor
+before anything imports prometheus_client), and ``/metrics`` on any worker reads all
+of them: counters and histograms summed over every worker that ever ran (a worker
+that exits or is replaced loses nothing), gauges by their ``multiprocess_mode``: the
+LRU's rows summed over live workers, "degraded" and the model version as the maximum.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (
@@ -30,6 +48,18 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 10000)
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # The workers' folder of metric files, in a worker of several (see the module doc).
+    multiprocess_dir: Path | None = None
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this process's, or every worker's."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -74,22 +104,48 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.lru_rows = Gauge("ctr_lru_rows", "embedding rows in the in-process LRU", registry=r)
+        self.lru_rows = Gauge(
+            "ctr_lru_rows",
+            "embedding rows in the in-process LRU (of every worker)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.store_degraded = Gauge(
             "ctr_embedding_store_degraded",
             "1 while the embedding store answers from a lower tier (Redis unavailable)",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.reloads = Counter(
             "ctr_model_reloads", "model reloads, by outcome (ok, failed)", ["outcome"], registry=r
+        )
+        self.worker_deaths = Counter(
+            "ctr_worker_deaths",
+            "worker processes that died and were replaced (several workers)",
+            registry=r,
         )
         self.overloaded = Counter(
             "ctr_overloaded", "calls refused with 503 because the queue was full", registry=r
         )
         self.errors = Counter("ctr_errors", "errors answered, by kind", ["kind"], registry=r)
         self.model_info = Gauge(
-            "ctr_model_info", "the loaded model (value 1)", ["version"], registry=r
+            "ctr_model_info",
+            "the loaded model (value 1; 0: one served before a reload)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
+
+    def serving(self, version: str, previous: str | None = None) -> None:
+        """``ctr_model_info``: ``version`` is served, ``previous`` no longer (its series
+        removed; in a worker's file, where series cannot be removed, set to 0)."""
+        if previous is not None and previous != version:
+            if self.multiprocess_dir is None:
+                with contextlib.suppress(KeyError):
+                    self.model_info.remove(previous)
+            else:
+                self.model_info.labels(previous).set(0)
+        self.model_info.labels(version).set(1)
 
 
 class RequestMetricsMiddleware:

@@ -10,11 +10,10 @@ import numpy as np
 import pydantic_core
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.routing import Route
 
-from app.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
+from app.errors import Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from app.http import (
     RuntimeDep,
     authorize,
@@ -273,7 +272,7 @@ def build_router() -> APIRouter:
         response_model=ReloadResponse,
         summary="Load, verify and swap in a checkpoint without failing a request",
         openapi_extra={"requestBody": body_schema(RELOAD_BODY, {}, required=False)},
-        responses=error_responses(401, 403, 404, 409, 413, 415, 422, 503),
+        responses=error_responses(401, 403, 404, 413, 415, 422, 503, 504),
     )
     async def reload(request: Request, runtime: RuntimeDep) -> Response:
         authorize(request, runtime)
@@ -285,19 +284,18 @@ def build_router() -> APIRouter:
             )
         raw = await json_body(request, optional=True)
         body = validate(raw, RELOAD_BODY) if raw.strip() else ReloadRequest()
-        if settings.workers > 1:
-            raise Conflict(
-                "with CTR_WORKERS > 1 a reload would reach one worker: send SIGHUP to the "
-                "server process instead (uvicorn restarts every worker on CTR_MODEL_DIR)"
-            )
         directory = None
         if body.model_dir is not None:
             directory = checkpoint_dir(settings.reload_root, body.model_dir)
+        link = getattr(request.state, "supervisor", None)
+        if link is not None:  # a worker: the supervisor switches every worker
+            return json_response(await link.reload(directory))
         version, previous = await runtime.reload(directory)
         return json_response({"model_version": version, "previous_version": previous})
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics(runtime: RuntimeDep) -> Response:
-        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        metrics = runtime.metrics
+        return Response(metrics.exposition(), media_type=metrics.content_type)
 
     return router

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import gc
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,7 +22,13 @@ from app.serving import Explained, ServingModel
 from app.store.base import EmbeddingStore, MemoryStore, Row
 from app.store.client import connect
 from app.store.redisstore import RedisStore
-from model.checkpoint import SPEC_FILE, Checkpoint, CheckpointError, load_checkpoint
+from model.checkpoint import (
+    SPEC_FILE,
+    Checkpoint,
+    CheckpointError,
+    Prepared,
+    load_checkpoint,
+)
 from model.deepfm import DeepFM
 
 log = logging.getLogger(__name__)
@@ -72,7 +76,7 @@ async def load_serving_model(
     try:
         await store.start()
         serving = ServingModel(checkpoint, model, store, metrics, settings)
-        await asyncio.to_thread(serving.predict, [{}])  # the first pass pays one-off costs
+        await asyncio.to_thread(serving.warm)
     except BaseException:  # (cancelled too: a started store has a task and a client)
         await asyncio.shield(store.aclose())
         raise
@@ -119,16 +123,14 @@ class Runtime:
     async def start(
         cls, settings: Settings, metrics: Metrics, checkpoint: Checkpoint | None = None
     ) -> Runtime:
-        # The event loop needs a core of its own (HTTP parsing and validation): torch gets
-        # the others unless told otherwise.
-        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+        threads = settings.threads_per_worker
         torch.set_num_threads(threads)
         if checkpoint is None:
             checkpoint = await asyncio.to_thread(
                 load_checkpoint, settings.model_dir, tables=settings.tables_in_process
             )
         serving = await load_serving_model(settings, metrics, checkpoint)
-        metrics.model_info.labels(serving.version).set(1)
+        metrics.serving(serving.version)
         settle_heap()
         log.info(
             "serving %s from %s with the %s embedding store (%s) on %d torch threads",
@@ -140,57 +142,94 @@ class Runtime:
         )
         return cls(settings, metrics, serving)
 
-    async def reload(self, directory: Path | None = None) -> tuple[str, str]:
+    async def reload(
+        self, directory: Path | None = None, prepared: Prepared | None = None
+    ) -> tuple[str, str]:
         """Load, verify, publish (redis store) and warm the checkpoint in ``directory``
         (default: CTR_MODEL_DIR), then swap it in; return (new version, old version).
 
         Calls already accepted finish on the model they were validated against. A
         checkpoint that does not load raises InvalidCheckpoint, and a redis-store model
         whose rows could not be published (while the current one's were) raises
-        NotReady; either way the current model keeps serving.
+        NotReady; either way the current model keeps serving. ``prepared``: the
+        checkpoint was verified already (by the supervisor of this worker).
         """
-        directory = directory or self.settings.model_dir
         async with self._reload_lock:
-            if self._closing:
-                raise NotReady("the service is shutting down")
-            old = self.model
-            if not (directory / SPEC_FILE).is_file():
-                self.metrics.reloads.labels("failed").inc()
-                log.error(
-                    "reload refused, still serving %s: no checkpoint at %s", old.version, directory
-                )
-                raise NotFound(f"no checkpoint at {directory} (no {SPEC_FILE})")
             try:
-                checkpoint = await asyncio.to_thread(
-                    load_checkpoint, directory, tables=self.settings.tables_in_process
-                )
-                new = await load_serving_model(self.settings, self.metrics, checkpoint)
-            except (CheckpointError, OSError) as exc:
-                self.metrics.reloads.labels("failed").inc()
-                log.error("reload refused, still serving %s: %s", old.version, exc)
-                raise InvalidCheckpoint(str(exc)) from None
+                new = await self._load(directory or self.settings.model_dir, prepared)
             except Exception:
                 self.metrics.reloads.labels("failed").inc()
-                log.exception("reload of %s failed, still serving %s", directory, old.version)
                 raise
-            refusal = None
-            if not self.ready:  # (close began while the new model loaded)
-                refusal = "the service is shutting down"
-            elif new.store.state != "ok" and old.store.state == "ok":
-                refusal = f"the rows of {new.version} could not be read from Redis"
-            if refusal is not None:
-                await new.store.aclose()
-                self.metrics.reloads.labels("failed").inc()
-                log.error("reload refused, still serving %s: %s", old.version, refusal)
-                raise NotReady(f"{refusal}; still serving {old.version}")
-            self.model = new  # the swap: calls validated from now on use the new model
-            await self._retire(old)
-            with contextlib.suppress(KeyError):  # (the same version reloaded)
-                self.metrics.model_info.remove(old.version)
-            self.metrics.model_info.labels(new.version).set(1)
+            versions = await self._swap(new)
             self.metrics.reloads.labels("ok").inc()
-            log.info("reloaded: serving %s from %s", new.version, directory)
-            return new.version, old.version
+            return versions
+
+    async def load(self, directory: Path, prepared: Prepared) -> ServingModel:
+        """A reload's first half, for a supervisor that switches every worker at once:
+        ``load`` in each, then ``swap`` in each once all loaded (or ``discard``).
+        Until the swap (or discard) no other reload starts."""
+        await self._reload_lock.acquire()
+        try:
+            return await self._load(directory, prepared)
+        except BaseException:
+            self._reload_lock.release()
+            raise
+
+    async def swap(self, new: ServingModel) -> tuple[str, str]:
+        """A reload's second half (see ``load``): serve ``new``; (new, old version)."""
+        try:
+            return await self._swap(new)
+        finally:
+            self._reload_lock.release()
+
+    async def discard(self, new: ServingModel) -> None:
+        """Drop a model ``load`` returned, keep serving the current one (see ``load``)."""
+        try:
+            await new.store.aclose()
+        finally:
+            self._reload_lock.release()
+
+    async def _load(self, directory: Path, prepared: Prepared | None) -> ServingModel:
+        if self._closing:
+            raise NotReady("the service is shutting down")
+        old = self.model
+        if not (directory / SPEC_FILE).is_file():
+            log.error(
+                "reload refused, still serving %s: no checkpoint at %s", old.version, directory
+            )
+            raise NotFound(f"no checkpoint at {directory} (no {SPEC_FILE})")
+        try:
+            checkpoint = await asyncio.to_thread(
+                load_checkpoint,
+                directory,
+                tables=self.settings.tables_in_process,
+                prepared=prepared,
+            )
+            new = await load_serving_model(self.settings, self.metrics, checkpoint)
+        except (CheckpointError, OSError) as exc:
+            log.error("reload refused, still serving %s: %s", old.version, exc)
+            raise InvalidCheckpoint(str(exc)) from None
+        except Exception:
+            log.exception("reload of %s failed, still serving %s", directory, old.version)
+            raise
+        refusal = None
+        if not self.ready:  # (close began while the new model loaded)
+            refusal = "the service is shutting down"
+        elif new.store.state != "ok" and old.store.state == "ok":
+            refusal = f"the rows of {new.version} could not be read from Redis"
+        if refusal is not None:
+            await new.store.aclose()
+            log.error("reload refused, still serving %s: %s", old.version, refusal)
+            raise NotReady(f"{refusal}; still serving {old.version}")
+        return new
+
+    async def _swap(self, new: ServingModel) -> tuple[str, str]:
+        old = self.model
+        self.model = new  # the swap: calls validated from now on use the new model
+        await self._retire(old)
+        self.metrics.serving(new.version, old.version)
+        log.info("reloaded: serving %s from %s", new.version, new.checkpoint.path)
+        return new.version, old.version
 
     async def _retire(self, old: ServingModel) -> None:
         """Close the replaced model's store once no call can use it."""

@@ -130,6 +130,9 @@ class ReloadResponse(BaseModel):
 
     model_version: str = Field(description="the version now serving")
     previous_version: str
+    workers: int | None = Field(
+        None, description="the worker processes switched (with several workers)"
+    )
 
 
 def features_type(spec: FeatureSpec) -> Any:

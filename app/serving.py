@@ -58,6 +58,11 @@ class ServingModel:
         self._metrics.rows_predicted.inc(len(rows))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    def warm(self) -> None:
+        """One forward pass of an empty row, to pay one-off costs before traffic comes
+        (not counted as a row predicted)."""
+        self._predict_chunk([{}])
+
     def _predict_chunk(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
         gathered, dense = self.store.encode(rows)
         with torch.inference_mode():

@@ -124,11 +124,12 @@ async def _write_rows(
         pipe.hset(key, SENTINEL, b"1")
     pending = len(layout.partition_keys(len(checkpoint.features.embedded_fields)))
     for j, f in enumerate(checkpoint.features.embedded_fields):
-        assert f.vocab is not None
         rows = checkpoint.table_rows(j)[1:].numpy().astype(ROW_DTYPE)
-        # Packing is CPU work: on a thread, so a replica publishing keeps answering.
-        partitioned = await asyncio.to_thread(_partitions, layout, j, f.vocab.values, rows)
-        del rows
+        # Reading the values (a server holds the vocabulary index, not them) and packing
+        # are slow: on threads, so a replica publishing keeps answering.
+        vocab = await asyncio.to_thread(checkpoint.vocabulary, f.name)
+        partitioned = await asyncio.to_thread(_partitions, layout, j, vocab.values, rows)
+        del rows, vocab
         for key, mapping in partitioned.items():
             values = list(mapping.items())
             for start in range(0, len(values), 1000):

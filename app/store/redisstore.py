@@ -359,8 +359,7 @@ class RedisStore(EmbeddingStore):
 
     def _from_tables(self, keys: list[Key]) -> npt.NDArray[np.float32]:
         assert self._tables is not None
-        indexes = [f.vocab.index for f in self._features.embedded_fields]  # type: ignore[union-attr]
-        ids = np.array([indexes[j].get(value, 0) for j, value in keys], dtype=np.int64)
+        ids = self._features.vocab_index.find([value for _, value in keys], [j for j, _ in keys])
         hits = int(np.count_nonzero(ids))
         self._lookups["tables"].inc(len(keys))
         self._hits["tables"].inc(hits)

@@ -148,8 +148,7 @@ def long_values_checkpoint(directory: Path) -> Checkpoint:
 
 def test_long_values_are_found_by_their_digest(tmp_path: Path) -> None:
     checkpoint = long_values_checkpoint(tmp_path / "long")
-    vocab = checkpoint.features.by_name["U"].vocab
-    assert vocab is not None
+    vocab = checkpoint.vocabulary("U")
     values = [*vocab.values, "unseen" * 30, None]
     ids, _ = checkpoint.features.encode_rows([{"U": v} for v in values])
     assert ids[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 0, 0]
@@ -165,8 +164,7 @@ async def test_long_values_score_as_the_offline_model_scores_them(
     make_client: ClientFactory, redis_server: RedisServer, tmp_path: Path, store: str
 ) -> None:
     checkpoint = long_values_checkpoint(tmp_path / "long")
-    vocab = checkpoint.features.by_name["U"].vocab
-    assert vocab is not None
+    vocab = checkpoint.vocabulary("U")
     rows: list[dict[str, Any]] = [{"U": v, "D": float(i)} for i, v in enumerate(vocab.values)]
     rows.append({"U": "never seen " * 1000})
     expected = Predictor(checkpoint).predict_rows(rows)
@@ -269,10 +267,10 @@ async def test_a_store_is_closed_when_warm_up_fails(
     from app import runtime as runtime_module
     from app.serving import ServingModel
 
-    def broken(self: ServingModel, rows: Any) -> Any:
+    def broken(self: ServingModel) -> Any:
         raise RuntimeError("warm-up failed")
 
-    monkeypatch.setattr(ServingModel, "predict", broken)
+    monkeypatch.setattr(ServingModel, "warm", broken)
     before = {t.get_name() for t in asyncio.all_tasks()}
     settings = Settings(redis_url=redis_server.url)
     with pytest.raises(RuntimeError, match="warm-up failed"):
@@ -341,8 +339,7 @@ async def test_missing_values_are_not_lookups(
     store: str,
 ) -> None:
     settings = {"redis_url": redis_server.url} if store == "redis" else {}
-    vocab = default_checkpoint.features.by_name["C1"].vocab
-    assert vocab is not None
+    vocab = default_checkpoint.vocabulary("C1")
     async with make_client(**settings) as client:
         before = (await client.get("/metrics")).text
         # 26 embedded fields: 1 known value, 1 unseen, 24 missing.

@@ -232,8 +232,7 @@ async def test_a_half_written_version_is_not_used(
     zero_row = bytes(4 * (1 + default_checkpoint.config.embed_dim))
     with redis_server.client() as r:
         for j, f in enumerate(default_checkpoint.features.embedded_fields):
-            assert f.vocab is not None
-            for value in f.vocab.values[:50]:
+            for value in default_checkpoint.vocabulary(f.name).values[:50]:
                 r.hset(layout.hash_key(j, value), value, zero_row)
     async with make_client(redis_url=redis_server.url, hold_tables=False) as client:
         got = await predict_all(client, rows)

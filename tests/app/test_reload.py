@@ -348,9 +348,3 @@ async def test_a_reload_racing_shutdown_is_refused_and_leaks_nothing(
     )
     with redis_server.client() as r:
         assert [c for c in r.client_list() if c["cmd"] != "client|list"] == []
-
-
-async def test_reload_with_several_workers_is_a_conflict(make_client: ClientFactory) -> None:
-    async with make_client(workers=2, **ADMIN) as client:
-        response = await reload(client)
-    assert response.status_code == 409 and "SIGHUP" in response.json()["detail"]

@@ -50,9 +50,8 @@ def random_rows(offline: Predictor, count: int, seed: int, values: int) -> list[
     nulls and absent fields."""
     rng = random.Random(seed)
     vocab = {
-        f.name: list(f.vocab.values[:values])
+        f.name: list(offline.checkpoint.vocabulary(f.name).values[:values])
         for f in offline.features.embedded_fields
-        if f.vocab is not None
     }
     rows = []
     for _ in range(count):

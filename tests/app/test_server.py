@@ -9,7 +9,7 @@ from tests.server_process import start
 
 
 def test_python_m_app_serves_logs_json_and_stops_cleanly_on_sigterm() -> None:
-    process, url = start()
+    process, url = start(CTR_WORKERS="1")
     try:
         response = httpx.post(url + "/predict", json={"features": {"I1": 3, "C1": "05db9164"}})
         assert response.status_code == 200
@@ -39,4 +39,4 @@ def test_workers_serve_from_several_processes_and_stop_on_sigterm() -> None:
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr[-2000:]
     messages = [json.loads(line)["message"] for line in stderr.splitlines() if line.strip()]
-    assert sum(m.startswith("serving deepfm-") for m in messages) == 2  # one per worker
+    assert sum(m.startswith("serving deepfm-") for m in messages) == 3  # supervisor, workers
