@@ -9,8 +9,9 @@
 # a wheel in wheels/: `pip download --no-deps -d wheels torch==2.13.0` on the host
 # first (README "Run with Docker Compose").
 #
-# Settings are CTR_* environment variables (README "Configuration"); CTR_WORKERS
-# and CTR_TORCH_THREADS size the server for the container's CPUs.
+# Settings are CTR_* environment variables (README "Configuration"). By default the
+# server runs a worker per CPU the container may use (its cpuset and its --cpus quota),
+# sharing one copy of the model; CTR_WORKERS and CTR_TORCH_THREADS set them by hand.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -54,8 +55,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CTR_HOST=0.0.0.0 \
     CTR_PORT=8000 \
-    CTR_MODEL_DIR=/app/models/default \
-    CTR_WORKERS=1
+    CTR_MODEL_DIR=/app/models/default
 RUN groupadd --system --gid 10001 ctr \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin ctr
