@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-big-calls bench-rank bench-redis bench-soak
+.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-serve-profile bench-workers-memory bench-big-calls bench-rank bench-redis bench-soak
 
 serve:
 	scripts/serve
@@ -33,6 +33,12 @@ bench-memory:
 # Needs wrk (apt-get install wrk).
 bench-serve:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.serve
+
+bench-serve-profile:
+	scripts/bootstrap && .venv/bin/pip install -q -e '.[profile]' && PATH=.venv/bin:$$PATH .venv/bin/python -m benchmarks.serve_profile
+
+bench-workers-memory:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.workers_memory
 
 bench-big-calls:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.big_calls

@@ -75,6 +75,7 @@ def field_seed(field: int) -> int:
 
 
 MAX_FIELDS = 1 << 12
+CACHED_ENTRIES = 1 << 17  # an index this small (its hi words: 1 MiB) stays in cache
 SEEDS = tuple(map(field_seed, range(MAX_FIELDS)))  # looked up in C, per key
 
 
@@ -192,8 +193,14 @@ class VocabIndex:
 
     def _first_at_least(self, q_hi: U64) -> npt.NDArray[np.intp]:
         """``np.searchsorted(self.hi, q_hi)``, but from each key's bucket: a couple of
-        reads a key where a binary search over millions makes two dozen cache misses."""
+        reads a key where a binary search over millions makes two dozen cache misses.
+
+        Each round costs a few array operations of about a microsecond each, which a
+        call of one row pays in full: an index small enough to stay in the CPU's cache
+        is searched by ``np.searchsorted`` at once instead."""
         hi = self.hi
+        if len(hi) <= CACHED_ENTRIES:  # in cache: a binary search is one operation
+            return np.searchsorted(hi, q_hi)
         if self.bits:
             bucket = (q_hi >> np.uint64(64 - self.bits)).astype(np.intp)
         else:

@@ -22,6 +22,14 @@ from model.vocabindex import NOT_A_KEY, IndexFileError, VocabIndex
 DATA = Path(__file__).parents[1] / "data"
 
 
+@pytest.fixture(autouse=True, params=["binary search", "buckets"])
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: small indexes are searched at once (``np.searchsorted``),
+    large ones bucket by bucket; the buckets' way for every size too."""
+    if request.param == "buckets":
+        monkeypatch.setattr(model.vocabindex, "CACHED_ENTRIES", 0)
+
+
 # -- the dict path of before: the reference
 
 
