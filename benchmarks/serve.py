@@ -61,6 +61,7 @@ PEER = ROOT.parent / "shared" / "peers" / "torchserve"
 CONCURRENCY = (1, 16, 64)
 MANY_ROWS = 1000
 MANY_CONCURRENCY = 4
+FLOOR = "benchmarks.noop_app:create_app"  # the no-op floor's app factory
 
 LUA = """
 local bodies = {}
@@ -136,11 +137,15 @@ def uvicorn_command(target: str, port: int, processes: int = 1) -> list[str]:
 
 
 @contextmanager
-def server(target: str, env: dict[str, str], start_timeout: float = 60) -> Iterator[Served]:
-    """One uvicorn process serving ``target`` (an app factory), ready, then stopped."""
+def server(
+    target: str, env: dict[str, str], start_timeout: float = 60, processes: int = 1
+) -> Iterator[Served]:
+    """uvicorn serving ``target`` (an app factory) with ``processes`` processes, ready,
+    then stopped."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with started(uvicorn_command(target, port), env, url, start_timeout=start_timeout) as s:
+    command = uvicorn_command(target, port, processes)
+    with started(command, env, url, start_timeout=start_timeout) as s:
         yield s
 
 
@@ -330,17 +335,14 @@ def main(argv: list[str] | None = None) -> None:
         "floor-1": "no-op floor, 1 process",
         "floor-n": f"no-op floor, {workers} processes",
     }
-    floor = "benchmarks.noop_app:create_app"
     with ExitStack() as stack:
         targets = {}
         for name, env in (("workers", {}), ("one", {"CTR_WORKERS": "1"})):
             served = stack.enter_context(service(env))
             targets[name] = Target(served.url, "/predict")
         for name, processes in (("floor-1", 1), ("floor-n", workers)):
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            stack.enter_context(started(uvicorn_command(floor, port, processes), {}, url))
-            targets[name] = Target(url, "/predict")
+            served = stack.enter_context(server(FLOOR, {}, processes=processes))
+            targets[name] = Target(served.url, "/predict")
         if args.torchserve_venv is not None:
             stack.enter_context(
                 torchserve(args.torchserve_venv, single.read_bytes().split(b"\n")[0])

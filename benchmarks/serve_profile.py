@@ -30,13 +30,12 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.serve import (
+    FLOOR,
     ROOT,
     Served,
-    free_port,
     sample_rows,
+    server,
     service,
-    started,
-    uvicorn_command,
     wrk,
 )
 
@@ -124,10 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         with service({"CTR_WORKERS": "1"}) as served:
             results["one"] = profile(served, "/predict", bodies, args.duration, args.rate)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        with started(uvicorn_command("benchmarks.noop_app:create_app", port), {}, url) as s:
-            results["floor"] = profile(s, "/predict", bodies, args.duration, args.rate)
+        with server(FLOOR, {}) as floor_served:
+            results["floor"] = profile(floor_served, "/predict", bodies, args.duration, args.rate)
     one, floor = results["one"], results["floor"]
     lines = [
         "# Where a /predict call's time goes",
