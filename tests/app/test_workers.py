@@ -53,7 +53,8 @@ def supervised(**env: str) -> Iterator[Served]:
         wait_for_workers(process, 2)
         # Until a worker has started, connections to its socket wait in its backlog: an
         # answer on each of several connections means both have.
-        versions_served(url, 20)
+        for _ in range(20):
+            assert httpx.get(url + "/readyz").status_code == 200
         yield served
     finally:
         if process.poll() is None:
