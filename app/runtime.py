@@ -20,7 +20,7 @@ from app.errors import InvalidCheckpoint, NotFound, NotReady, Overloaded
 from app.metrics import Metrics
 from app.serving import Explained, ServingModel
 from app.store.base import EmbeddingStore, MemoryStore, Row
-from app.store.client import connect
+from app.store.client import connect, connect_sync
 from app.store.redisstore import RedisStore
 from model.checkpoint import (
     SPEC_FILE,
@@ -59,10 +59,11 @@ def open_store(
     """The embedding store the settings ask for, not yet started."""
     if settings.store == "memory":
         return MemoryStore(checkpoint.features, model, metrics)
-    # The client's own socket timeout bounds publishing and probes; each batch's
-    # lookups have the tighter CTR_REDIS_TIMEOUT_MS.
+    # The loop's client: its own socket timeout bounds publishing and probes. The
+    # batches' lookups have a client of their own, with the tighter CTR_REDIS_TIMEOUT_MS.
     client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
-    return RedisStore(checkpoint, model, client, settings, metrics)
+    lookups = connect_sync(settings, timeout_s=settings.redis_timeout_ms / 1000)
+    return RedisStore(checkpoint, model, client, lookups, settings, metrics)
 
 
 async def load_serving_model(

@@ -7,11 +7,14 @@ per partition hash (``app.store.layout`` has the layout). A value Redis does not
 is OOV and gets its field's OOV row, which the replica holds; the answer is cached
 like any other row.
 
-The lookups run on the event loop (redis-py's asyncio client), sent there by the
-forward-pass worker thread, which waits for them at most ``CTR_REDIS_TIMEOUT_MS``.
-When Redis fails (down, refusing, too slow, or without this version's rows) the
-batch's misses come from the checkpoint tables when the replica holds them (exact
-answers, cached), else they get OOV rows (not cached); the store turns
+The forward-pass thread sends the lookups itself, on a synchronous client of its
+own whose socket operations give up after ``CTR_REDIS_TIMEOUT_MS``: a batch's
+lookups never wait for the event loop, so a loop busy with HTTP is not taken for a
+slow Redis. The event loop keeps the rest (start-up, probes, publishing) on an
+asyncio client. When Redis fails (down, refusing, too slow, or without this
+version's rows) the batch's misses come from the checkpoint tables when the
+replica holds them (exact answers, cached), else they get OOV rows (not cached);
+the store turns
 ``degraded`` and logs it once. While degraded, batches do not try Redis: a
 watcher on the event loop probes it twice a second, publishes the version again
 if Redis lost it, and turns the store ``ok`` again.
@@ -20,7 +23,6 @@ if Redis lost it, and turns the store ``ok`` again.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -30,12 +32,13 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+import redis
 import torch
 
 from app.config import Settings
 from app.metrics import Metrics
 from app.store.base import EmbeddingStore, Encoded, Row, StoreState
-from app.store.client import RedisClient
+from app.store.client import RedisClient, SyncRedisClient
 from app.store.layout import (
     ROW_DTYPE,
     SENTINEL,
@@ -56,8 +59,6 @@ PROBE_INTERVAL_S = 0.5
 PROBES_TO_RECOVER = 3  # in a row: a Redis that answers now and then is not back
 PROBE_TIMEOUT_S = 2.0  # the first manifest read, at start-up
 MAX_BACKOFF_S = 30.0  # between attempts to publish, while they fail
-# The worker's own wait, past the lookup's time budget, for a loop too busy to answer.
-LOOP_SLACK_S = 1.0
 
 FailureKind = Literal["unavailable", "timeout", "missing_version"]
 
@@ -78,11 +79,15 @@ class RedisStore(EmbeddingStore):
         checkpoint: Checkpoint,
         model: DeepFM,
         client: RedisClient,
+        lookups: SyncRedisClient,
         settings: Settings,
         metrics: Metrics,
     ) -> None:
+        """``client`` serves the event loop; ``lookups`` the batches' threads (its
+        socket time-out is the batch budget, ``CTR_REDIS_TIMEOUT_MS``)."""
         self._loop = asyncio.get_running_loop()
         self._client = client
+        self._lookups_client = lookups
         self._features = checkpoint.features
         self._version = checkpoint.version
         self._expected = manifest(checkpoint, settings.redis_partitions)
@@ -203,14 +208,8 @@ class RedisStore(EmbeddingStore):
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self._client.aclose()
-
-    async def _hmget(self, layout: Layout, requests: list[tuple[str, list[str]]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.exists(layout.manifest_key)
-        for key, fields in requests:
-            pipe.hmget(key, [SENTINEL, *fields])
-        replies: list[Any] = await asyncio.wait_for(pipe.execute(), self._timeout_s)
-        return replies
+        # (a batch still reading fails over to the lower tiers)
+        await asyncio.to_thread(self._lookups_client.close)
 
     # -- state, shared by both sides
 
@@ -303,7 +302,7 @@ class RedisStore(EmbeddingStore):
                 rows = self._from_redis(layout, keys)
             except MissingVersion as exc:
                 self._degrade("missing_version", str(exc), _cause(exc))
-            except TimeoutError as exc:  # (concurrent.futures' and asyncio's too)
+            except TimeoutError as exc:  # a read, or the whole round trip, past the budget
                 budget = f"lookups took over {self._timeout_s * 1000:.0f} ms"
                 self._degrade("timeout", budget, _cause(exc))
             except Exception as exc:  # whatever it is, the lower tiers can answer
@@ -325,14 +324,19 @@ class RedisStore(EmbeddingStore):
         for i, (j, value) in enumerate(keys):
             groups.setdefault(layout.hash_key(j, value), []).append(i)
         requests = [(key, [keys[i][1] for i in members]) for key, members in groups.items()]
+        pipe = self._lookups_client.pipeline(transaction=False)
+        pipe.exists(layout.manifest_key)
+        for key, fields in requests:
+            pipe.hmget(key, [SENTINEL, *fields])
         started = time.perf_counter()
-        future = asyncio.run_coroutine_threadsafe(self._hmget(layout, requests), self._loop)
         try:
-            replies = future.result(self._timeout_s + LOOP_SLACK_S)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-        self._metrics.redis_latency.observe(time.perf_counter() - started)
+            replies: list[Any] = pipe.execute()
+        except redis.TimeoutError as exc:  # a socket operation outlasted the budget
+            raise TimeoutError(str(exc)) from exc
+        took = time.perf_counter() - started
+        self._metrics.redis_latency.observe(took)
+        if took > self._timeout_s:  # (each of its reads was within the budget)
+            raise TimeoutError(f"the lookups took {took * 1000:.0f} ms")
         if not replies[0]:
             raise MissingVersion(f"Redis holds no complete publish of {self._version}")
         rows = self._oov[[j for j, _ in keys]]  # absent from Redis: OOV

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,30 @@ async def test_the_replica_without_tables_holds_no_table_and_no_vocabulary(
         assert serving._model.sparse_rows is None
         assert all(f.vocab is None for f in serving.features.embedded_fields)
         assert serving.describe()["fields"][14]["vocab_size"] > 1  # sizes come from spec.json
+    finally:
+        await runtime.close()
+
+
+async def test_a_batchs_lookups_do_not_wait_for_the_event_loop(
+    redis_server: RedisServer, known_rows: list[dict[str, Any]]
+) -> None:
+    """A batch's lookups go from its thread to Redis: they finish, from Redis, while
+    the event loop is blocked (by HTTP work, in production), and the store stays ok."""
+    settings = Settings(redis_url=redis_server.url, hold_tables=False, redis_timeout_ms=2000)
+    metrics = Metrics()
+    runtime = await Runtime.start(settings, metrics)
+    try:
+        store = runtime.model.store
+        encoded: list[Any] = []
+        batch = threading.Thread(target=lambda: encoded.append(store.encode(known_rows)))
+        batch.start()
+        batch.join(timeout=30)  # on the loop's thread: the loop cannot run meanwhile
+        assert not batch.is_alive(), "the lookups waited for the event loop"
+        assert store.state == "ok"
+        text = metrics.exposition().decode()
+        lookups = metric(text, 'ctr_embedding_lookups_total{tier="redis"}')
+        assert metric(text, 'ctr_embedding_hits_total{tier="redis"}') == lookups > 0
+        assert encoded[0][0].shape[0] == len(known_rows)
     finally:
         await runtime.close()
 
