@@ -52,3 +52,11 @@ def connect_sync(settings: Settings, timeout_s: float) -> SyncRedisClient:
     if settings.redis_cluster:
         return redis.cluster.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
+
+
+def close_sync(client: SyncRedisClient) -> None:
+    """Close a synchronous client and its sockets. A cluster client made from a URL
+    gives each node a pool that its ``close`` leaves connected (redis-py 8.1)."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+    client.close()

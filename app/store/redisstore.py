@@ -38,7 +38,7 @@ import torch
 from app.config import Settings
 from app.metrics import Metrics
 from app.store.base import EmbeddingStore, Encoded, Row, StoreState
-from app.store.client import RedisClient, SyncRedisClient
+from app.store.client import RedisClient, SyncRedisClient, close_sync
 from app.store.layout import (
     ROW_DTYPE,
     SENTINEL,
@@ -207,9 +207,11 @@ class RedisStore(EmbeddingStore):
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-        await self._client.aclose()
-        # (a batch still reading fails over to the lower tiers)
-        await asyncio.to_thread(self._lookups_client.close)
+        try:
+            await self._client.aclose()
+        finally:
+            # (a batch still reading fails over to the lower tiers)
+            await asyncio.to_thread(close_sync, self._lookups_client)
 
     # -- state, shared by both sides
 
