@@ -1,19 +1,56 @@
-"""The service's exceptions, each with its HTTP status; mapped to responses in one handler."""
+"""The service's exceptions, each with its HTTP status, and the one place they become
+HTTP answers (``error_response``): the app's exception handler, and the body limit,
+which answers before the app runs, both call it.
+
+The native endpoints answer ``{"detail": ...}`` (FastAPI's shape: a message, or the
+list of validation errors); the Open Inference Protocol's (under ``/v2``) answer
+``{"error": "message"}``, as its specification says.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+V2_PREFIX = "/v2"  # the Open Inference Protocol's endpoints, which have their own shape
 
 
 class ServiceError(Exception):
     """Base of every error the service answers with a 4xx or 5xx."""
 
-    status_code: ClassVar[int] = 500
-    headers: ClassVar[dict[str, str] | None] = None
+    status_code: int = 500
+    headers: Mapping[str, str] | None = None
 
-    def __init__(self, detail: Any) -> None:
+    def __init__(
+        self, detail: Any, status_code: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """``status_code`` and ``headers``, when given, replace the class's."""
         super().__init__(detail)
         self.detail = detail
+        if status_code is not None:
+            self.status_code = status_code
+        if headers is not None:
+            self.headers = headers
+
+
+def error_response(exc: ServiceError, path: str) -> Response:
+    """The answer to ``exc`` raised on a request for ``path``, in that endpoint's shape."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        detail = exc.detail
+        body: dict[str, Any] = {"error": detail if isinstance(detail, str) else str(detail)}
+    else:
+        body = {"detail": exc.detail}
+    # (the standard library's JSON: a detail may quote an input past 64 bits)
+    return JSONResponse(body, exc.status_code, exc.headers)
+
+
+class ProtocolError(ServiceError):
+    """A v2 inference request that breaks the protocol (400, or as raised)."""
+
+    status_code = 400
 
 
 class InvalidRequest(ServiceError):
@@ -26,7 +63,7 @@ class Unauthorized(ServiceError):
     """The API key is missing or wrong (401)."""
 
     status_code = 401
-    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "X-API-Key"}
+    headers = MappingProxyType({"WWW-Authenticate": "X-API-Key"})
 
 
 class Forbidden(ServiceError):
@@ -75,7 +112,7 @@ class Overloaded(ServiceError):
     """Too many calls are queued already (503): retry after a moment."""
 
     status_code = 503
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
+    headers = MappingProxyType({"Retry-After": "1"})
 
 
 class ReloadIncomplete(ServiceError):

@@ -7,7 +7,8 @@ a sparse field (a string per row; "" is missing) and FP32 for a dense one (a num
 per row; null is missing). Its output is ``probability``, FP32, shape ``[-1]``.
 Tensor data in JSON, or binary (the binary tensor data extension, ``app.tensordata``:
 what Triton's clients send by default), answered in kind. Errors are
-``{"error": "..."}`` with 400 (a bad request) or 404 (no such model or version).
+``{"error": "..."}`` with 400 (a bad request) or 404 (no such model or version), as
+``app.errors.error_response`` words every error under ``/v2``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi.responses import Response
 
 from app import tensordata
 from app.config import Settings
-from app.errors import ServiceError
+from app.errors import ProtocolError
 from app.http import authorize, json_body, json_response, read_body, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
@@ -31,23 +32,6 @@ MODEL_NAME = "ctr"
 PLATFORM = "pytorch_deepfm"
 OUTPUT = "probability"
 BINARY_TYPES = frozenset({"", "application/octet-stream"})
-
-
-class ProtocolError(Exception):
-    """Answered as ``{"error": message}`` with ``status``."""
-
-    def __init__(
-        self, message: str, status: int = 400, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers
-
-
-def error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    response = json_response({"error": message}, status)
-    response.headers.update(headers or {})
-    return response
 
 
 _OBJECT: dict[str, Any] = {"type": "object"}
@@ -263,11 +247,8 @@ def _check_model(
 
 def _metadata(request: Request, name: str, version: str | None) -> Response:
     runtime = runtime_of(request)
-    try:
-        _authorize(request, runtime)
-        _check_model(runtime, name, version)
-    except ProtocolError as exc:
-        return error(str(exc), exc.status, exc.headers)
+    authorize(request, runtime)
+    _check_model(runtime, name, version)
     model = runtime.model
     return json_response(
         {
@@ -285,54 +266,34 @@ def _metadata(request: Request, name: str, version: str | None) -> Response:
 
 def _model_ready(request: Request, name: str, version: str | None) -> Response:
     runtime = runtime_of(request)
-    try:
-        _check_model(runtime, name, version)
-    except ProtocolError as exc:
-        return error(str(exc), exc.status, exc.headers)
+    _check_model(runtime, name, version)
     ready = runtime.ready
     return json_response({"name": MODEL_NAME, "ready": ready}, 200 if ready else 400)
 
 
-def _authorize(request: Request, runtime: Runtime) -> None:
-    try:
-        authorize(request, runtime)
-    except ServiceError as exc:
-        raise ProtocolError(str(exc.detail), exc.status_code, exc.headers) from None
-
-
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     runtime = runtime_of(request)
+    authorize(request, runtime)
+    header = request.headers.get(tensordata.HEADER)
+    # A binary body is no JSON: its content type is Triton's (none) or octet-stream.
+    binary = header is not None and request.headers.get("content-type", "") in BINARY_TYPES
+    raw = await (read_body(request) if binary else json_body(request, untyped=True))
+    # The model that checks the request scores it (see app.routes.predict).
+    model = runtime.model
+    _check_model(runtime, name, version, model)
+    data = b""
+    if header is not None:
+        raw, data = tensordata.split(raw, header)
     try:
-        _authorize(request, runtime)
-        header = request.headers.get(tensordata.HEADER)
-        # A binary body is no JSON: its content type is Triton's (none) or octet-stream.
-        binary = header is not None and request.headers.get("content-type", "") in BINARY_TYPES
-        raw = await (read_body(request) if binary else json_body(request, untyped=True))
-        # The model that checks the request scores it (see app.routes.predict).
-        model = runtime.model
-        _check_model(runtime, name, version, model)
-        data = b""
-        if header is not None:
-            raw, data = tensordata.split(raw, header)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(f"the body is not valid JSON: {exc}") from None
-        if isinstance(body, dict):
-            tensordata.attach(body.get("inputs"), data)
-        elif data:
-            raise ProtocolError("binary data with no inference request before it")
-        rows, request_id = _rows(body, model, runtime.settings)
-        probabilities, served_by, _ = await runtime.predict_many(model, rows)
-    except tensordata.BinaryDataError as exc:
-        runtime.metrics.errors.labels("v2").inc()
-        return error(str(exc), 400)
-    except ProtocolError as exc:
-        runtime.metrics.errors.labels("v2").inc()
-        return error(str(exc), exc.status, exc.headers)
-    except ServiceError as exc:  # shutting down, overloaded
-        runtime.metrics.errors.labels(type(exc).__name__).inc()
-        return error(str(exc.detail), exc.status_code, exc.headers)
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"the body is not valid JSON: {exc}") from None
+    if isinstance(body, dict):
+        tensordata.attach(body.get("inputs"), data)
+    elif data:
+        raise ProtocolError("binary data with no inference request before it")
+    rows, request_id = _rows(body, model, runtime.settings)
+    probabilities, served_by, _ = await runtime.predict_many(model, rows)
     answer: dict[str, Any] = {
         "model_name": MODEL_NAME,
         "model_version": served_by,

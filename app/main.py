@@ -17,13 +17,13 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from app import kserve
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
 from app.control import SupervisorLink
-from app.errors import ServiceError
+from app.errors import ServiceError, error_response
 from app.kserve import build_v2_router
 from app.logs import configure
 from app.metrics import Metrics, RequestMetricsMiddleware
@@ -101,9 +101,9 @@ def create_app(
     _document(app, docs, components, settings)
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> Response:
         metrics.errors.labels(type(exc).__name__).inc()
-        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,11 +111,11 @@ def create_app(
         return JSONResponse({"detail": exc.errors()}, 422)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         # A bug, never a client error: log it once, answer without internals.
         metrics.errors.labels("internal").inc()
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal error"}, 500)
+        return error_response(ServiceError("internal error"), request.url.path)
 
     routes = [*router.routes, *v2.routes, *served]
     endpoints = frozenset(route.path for route in routes)  # type: ignore[attr-defined]

@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app.errors import ProtocolError
+
 HEADER = "inference-header-content-length"
 EXTENSION = "binary_tensor_data"
 _LENGTH = struct.Struct("<I")
 
 
-class BinaryDataError(ValueError):
-    """The binary part of a request does not match what its header says."""
+class BinaryDataError(ProtocolError):
+    """The binary part of a request does not match what its header says (400)."""
 
 
 def split(raw: bytes, header: str) -> tuple[bytes, bytes]:

@@ -251,6 +251,24 @@ async def test_v2_refuses_bad_json(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v2/models/other")).status_code == 404
 
 
+async def test_every_refusal_under_v2_has_the_protocols_shape(make_client: ClientFactory) -> None:
+    """The errors the whole service shares (the body limit, before the app runs; a
+    content type; validation of the native routes beside) are worded per endpoint."""
+    async with make_client(max_body_bytes=1000) as client:
+        big = infer_body(shape=[300], data=["x" * 10] * 300)
+        too_large = await client.post("/v2/models/ctr/infer", json=big)
+        assert too_large.status_code == 413
+        assert too_large.json() == {"error": "request body larger than 1000 bytes"}
+        native = await client.post("/predict_many", json={"instances": [{"C1": "x" * 2000}]})
+        assert native.status_code == 413
+        assert native.json() == {"detail": "request body larger than 1000 bytes"}
+        typed = await client.post(
+            "/v2/models/ctr/infer", content=b"{}", headers={"content-type": "text/plain"}
+        )
+        assert typed.status_code == 415 and set(typed.json()) == {"error"}
+        assert isinstance(typed.json()["error"], str)
+
+
 async def test_v2_health_and_readiness_bodies(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
