@@ -143,21 +143,18 @@ class Runtime:
         )
         return cls(settings, metrics, serving)
 
-    async def reload(
-        self, directory: Path | None = None, prepared: Prepared | None = None
-    ) -> tuple[str, str]:
+    async def reload(self, directory: Path | None = None) -> tuple[str, str]:
         """Load, verify, publish (redis store) and warm the checkpoint in ``directory``
         (default: CTR_MODEL_DIR), then swap it in; return (new version, old version).
 
         Calls already accepted finish on the model they were validated against. A
         checkpoint that does not load raises InvalidCheckpoint, and a redis-store model
         whose rows could not be published (while the current one's were) raises
-        NotReady; either way the current model keeps serving. ``prepared``: the
-        checkpoint was verified already (by the supervisor of this worker).
+        NotReady; either way the current model keeps serving.
         """
         async with self._reload_lock:
             try:
-                new = await self._load(directory or self.settings.model_dir, prepared)
+                new = await self._load(directory or self.settings.model_dir, None)
             except Exception:
                 self.metrics.reloads.labels("failed").inc()
                 raise

@@ -127,10 +127,6 @@ class VocabIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.hi.nbytes + self.lo.nbytes + self.ids.nbytes + self.starts.nbytes)
-
     @classmethod
     def build(cls, vocabularies: Iterable[Sequence[str]], *, label: str = "") -> VocabIndex:
         """The index of each field's lookup keys (in order: key ``i`` has index ``i + 1``).
