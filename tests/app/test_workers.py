@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from model.predict import Predictor
 from tests.app.test_routes import random_rows
 from tests.checkpoints import random_checkpoint
 from tests.processes import children, memory_of
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, free_port
 from tests.server_process import start
 
 WORKERS = {"CTR_WORKERS": "2", "CTR_ADMIN_ENDPOINTS": "true", "CTR_MODELS_ROOT": "/"}
@@ -439,3 +440,49 @@ def test_two_workers_cost_at_most_1_3x_one_in_memory(tmp_path: Path) -> None:
             process.communicate(timeout=60)
     ratio = measured[2]["Pss"] / measured[1]["Rss"]
     assert ratio <= 1.3, measured
+
+
+def test_sighup_reloads_every_worker_from_the_model_dir(
+    offline: Predictor, tiny_checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    """SIGHUP to the supervisor: CTR_MODEL_DIR read again, every worker switched."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    with supervised(CTR_MODEL_DIR=str(model_dir)) as server:
+        assert versions_served(server.url, 10) == {offline.checkpoint.version: 10}
+        shutil.rmtree(model_dir)
+        shutil.copytree(tiny_checkpoint.path, model_dir)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while versions_served(server.url, 20) != {tiny_checkpoint.version: 20}:
+            assert time.monotonic() < deadline, "SIGHUP did not switch every worker"
+            time.sleep(0.1)
+    reloaded = f"reloaded: 2 workers serve {tiny_checkpoint.version} from {model_dir}"
+    assert reloaded in server.messages
+
+
+def test_workers_whose_supervisor_is_killed_stop() -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: each sees its
+    control channel close and stops by itself, instead of serving on as an orphan."""
+    process, _ = start(**WORKERS)
+    try:
+        workers = wait_for_workers(process, 2)
+        process.kill()
+        process.communicate(timeout=30)
+        deadline = time.monotonic() + 60
+        while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists()]:
+            assert time.monotonic() < deadline, f"orphaned workers still run: {alive}"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_server_whose_checkpoint_does_not_load_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "spec.json").write_text("{not json")
+    env = {**os.environ, **WORKERS, "CTR_MODEL_DIR": str(tmp_path), "CTR_PORT": str(free_port())}
+    run = subprocess.run(
+        [sys.executable, "-m", "app"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "cannot start" in run.stderr
