@@ -1,11 +1,15 @@
 """The feature spec: fields, vocabularies and dense transforms; raw columns -> tensors.
 
-Training and serving encode through the same functions here, so there is no
-train/serve skew. The data is columnar: a batch is a mapping from input column
-name to a NumPy array, float64 with NaN for a missing dense value, object
-(``str`` or ``None``) for a sparse value. ``FeatureSpec.encode`` turns it into
-int64 ids ``B x F`` (one per embedded field, 0 = OOV or missing) and float32
-dense values ``B x D``.
+Training and serving encode through one core here, so there is no train/serve
+skew. A batch comes as columns (training: input column name -> NumPy array,
+float64 with NaN for a missing dense value, object ``str`` or ``None`` for a
+sparse one; ``FeatureSpec.keys``) or as rows (serving: field name -> raw value;
+``FeatureSpec.row_keys``). Either becomes a ``Keyed`` batch: every embedded
+value's lookup key (``lookup_keys``) and the float32 dense input ``B x D``.
+``FeatureSpec.ids`` looks the keys up, giving int64 ids ``B x F`` (one per
+embedded field, 0 = OOV or missing); ``encode`` and ``encode_rows`` are the two
+steps together. A server that reads rows by value (the Redis tier) takes the
+keys as they are.
 
 Every input column is one field, with a transform:
 
@@ -43,7 +47,7 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import cycle, repeat
+from itertools import chain, repeat
 from typing import Any, Literal
 
 import numpy as np
@@ -74,24 +78,46 @@ def value_key(value: str) -> str:
     return DIGEST_MARK + digest.hexdigest()
 
 
-def lookup_keys(values: Sequence[str]) -> list[str]:
-    """``value_key`` of every value; only the long ones cost a Python call."""
-    keys = list(values)
-    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+def lookup_keys(values: Iterable[Any]) -> list[str]:
+    """The lookup key of every category value (str, int or None): a string is ``value_key``
+    of itself, an integer that of its decimal string, and a missing value (None) is
+    ``NOT_A_KEY``, which no vocabulary holds. Every encoding path keys its values here."""
+    return _keys_in_place(list(values))
+
+
+def _keys_in_place(values: list[Any]) -> list[str]:
+    """``lookup_keys``, overwriting ``values``: the loops run in C, Python only for the
+    few values that are not short strings."""
+    count = len(values)
+    strings = np.fromiter(map(operator.is_, map(type, values), repeat(str)), bool, count=count)
+    if not strings.all():
+        for i in np.flatnonzero(~strings).tolist():
+            value = values[i]
+            values[i] = NOT_A_KEY if value is None else str(value)
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
     for i in np.flatnonzero(lengths > KEY_CHARS).tolist():
-        keys[i] = value_key(keys[i])
-    return keys
+        values[i] = value_key(values[i])
+    return values
 
 
-def column_keys(values: ObjectArray | Sequence[str | None]) -> list[str]:
-    """The lookup key of every category value of a column (str or None); a missing
-    value's is ``NOT_A_KEY``, which no vocabulary holds."""
-    column = np.asarray(values, dtype=object)
-    missing = column == None  # noqa: E711 (elementwise comparison)
-    if missing.any():
-        column = column.copy()
-        column[missing] = NOT_A_KEY
-    return lookup_keys(column.tolist())
+@dataclass(frozen=True)
+class Keyed:
+    """A batch as every encoding path sees it: per embedded field, every row's lookup key
+    (``NOT_A_KEY`` where the value is missing), and the model's dense input ``B x D``.
+
+    Ids are these keys looked up in the vocabulary index (``FeatureSpec.ids``); a server
+    that reads embedding rows by value (the Redis tier) uses the keys as they are."""
+
+    columns: list[list[str]]
+    dense: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    @property
+    def missing(self) -> int:
+        """How many embedded values are missing (absent or null)."""
+        return sum(column.count(NOT_A_KEY) for column in self.columns)
 
 
 @dataclass(frozen=True)
@@ -109,7 +135,7 @@ class Vocabulary:
 
     def lookup(self, values: ObjectArray) -> npt.NDArray[np.int64]:
         """Indices of ``values`` (str or None); unseen and missing give 0."""
-        return self._index.lookup(0, column_keys(values))
+        return self._index.lookup(0, lookup_keys(values.tolist()))
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_text().encode()).hexdigest()
@@ -264,23 +290,67 @@ class FeatureSpec:
             z = np.where(log, np.sign(raw) * np.log1p(np.abs(raw)), (raw - mean) / std)
         return np.where(np.isnan(z), missing, z).astype(np.float32)
 
-    def encode(
-        self, columns: Columns, num_rows: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Columns -> (ids ``B x F`` int64, dense ``B x D`` float32).
-
-        A column absent from ``columns`` is missing in every row.
-        """
-        ids = np.zeros((num_rows, len(self.embedded_fields)), dtype=np.int64)
-        for j, f in enumerate(self.embedded_fields):
+    def keys(self, columns: Columns, num_rows: int) -> Keyed:
+        """Columns (training's form) -> the batch's lookup keys and dense input. A column
+        absent from ``columns`` is missing in every row."""
+        keyed = []
+        for f in self.embedded_fields:
             raw = columns.get(f.name)
-            if raw is not None:
-                ids[:, j] = self.vocab_index.lookup(j, column_keys(f.categories(raw)))
+            keyed.append(
+                [NOT_A_KEY] * num_rows
+                if raw is None
+                else _keys_in_place(f.categories(raw).tolist())
+            )
         raw_dense = np.full((num_rows, len(self.dense_fields)), np.nan)
         for j, f in enumerate(self.dense_fields):
             if f.name in columns:
                 raw_dense[:, j] = columns[f.name]
-        return ids, self.transform_dense(raw_dense)
+        return Keyed(keyed, self.transform_dense(raw_dense))
+
+    def row_keys(self, rows: Sequence[Mapping[str, Any]]) -> Keyed:
+        """Rows of raw values (field name -> value; serving's form) -> the same as
+        ``keys`` of the same data in columns, which the tests hold it to. An integer
+        sparse value is the same value as its decimal string; None or an absent field
+        is missing.
+
+        Every category value of every row is read in one comprehension and keyed in
+        one pass, instead of one NumPy call per field: most of a small batch's cost.
+        """
+        plan = self._row_plan
+        raw_dense = self._raw_dense(rows)
+        columns: list[list[str]] = [[] for _ in self.embedded_fields]
+        names = plan.category_names
+        if names and rows:
+            flat = _keys_in_place([row.get(name) for row in rows for name in names])
+            for k, j in enumerate(plan.category_columns):
+                columns[j] = flat[k :: len(names)]
+        for j, position in plan.bucket_columns:
+            columns[j] = _keys_in_place(bucketize(raw_dense[:, position]).tolist())
+        return Keyed(columns, self.transform_dense(raw_dense[:, plan.dense_columns]))
+
+    def ids(self, keyed: Keyed) -> npt.NDArray[np.int64]:
+        """The ids ``B x F`` of a batch's keys, in one search of the vocabulary index;
+        0 where a value is missing or unseen."""
+        num_rows, width = len(keyed), len(keyed.columns)
+        found = self.vocab_index.find(
+            list(chain.from_iterable(keyed.columns)),
+            chain.from_iterable(repeat(j, num_rows) for j in range(width)),
+        )
+        return np.ascontiguousarray(found.reshape(width, num_rows).T)
+
+    def encode(
+        self, columns: Columns, num_rows: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Columns -> (ids ``B x F`` int64, dense ``B x D`` float32)."""
+        keyed = self.keys(columns, num_rows)
+        return self.ids(keyed), keyed.dense
+
+    def encode_rows(
+        self, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Rows of raw values -> (ids, dense), as ``encode`` (see ``row_keys``)."""
+        keyed = self.row_keys(rows)
+        return self.ids(keyed), keyed.dense
 
     @cached_property
     def _row_plan(self) -> _RowPlan:
@@ -304,66 +374,6 @@ class FeatureSpec:
         return np.array(
             [[row.get(name) for name in inputs] for row in rows], dtype=np.float64
         ).reshape(len(rows), len(inputs))
-
-    def encode_rows(
-        self, rows: Sequence[Mapping[str, Any]]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Encode rows of raw values (field name -> value; the serving path).
-
-        The same vocabularies, bucketing and dense transform as ``encode``, which the
-        tests hold it equal to; only the transposition differs: the category fields of
-        all rows are looked up in one pass instead of one NumPy call per field, which
-        is most of the cost of a small batch. An integer sparse value is the same value
-        as its decimal string; None or an absent field is missing.
-        """
-        plan = self._row_plan
-        index = self.vocab_index
-        names = plan.category_names
-        num_rows = len(rows)
-        raw_dense = self._raw_dense(rows)
-        ids = np.zeros((num_rows, len(self.embedded_fields)), dtype=np.int64)
-        # Every category value of every row, row-major, hashed and searched in one pass.
-        keys = [row.get(name) for row in rows for name in names]
-        found = index.find(_row_keys(keys), cycle(plan.category_columns))
-        ids[:, plan.category_columns] = found.reshape(num_rows, len(names))
-        for j, position in plan.bucket_columns:
-            ids[:, j] = index.lookup(j, column_keys(bucketize(raw_dense[:, position])))
-        return ids, self.transform_dense(raw_dense[:, plan.dense_columns])
-
-    def categorize_rows(
-        self, rows: Sequence[Mapping[str, Any]]
-    ) -> tuple[list[list[str | None]], npt.NDArray[np.float32]]:
-        """Rows of raw values -> (per embedded field, every row's category lookup key
-        (``value_key``) or None; dense ``B x D`` float32).
-
-        The path of a server that reads embedding rows by raw value and holds no
-        vocabulary: ``encode_rows`` is this followed by the vocabulary lookups, which
-        the tests hold it to.
-        """
-        plan = self._row_plan
-        raw_dense = self._raw_dense(rows)
-        columns: list[list[str | None]] = [[] for _ in self.embedded_fields]
-        if plan.category_names and rows:
-            by_row = [
-                [
-                    v
-                    if (v := row.get(name)).__class__ is str and len(v) <= KEY_CHARS
-                    else _category(v)
-                    for name in plan.category_names
-                ]
-                for row in rows
-            ]
-            for j, values in zip(plan.category_columns, zip(*by_row, strict=True), strict=True):
-                columns[j] = list(values)
-        for j, position in plan.bucket_columns:
-            columns[j] = bucketize(raw_dense[:, position]).tolist()
-        return columns, self.transform_dense(raw_dense[:, plan.dense_columns])
-
-    def count_missing(self, rows: Sequence[Mapping[str, Any]], ids: npt.NDArray[np.int64]) -> int:
-        """How many embedded values of ``rows`` are missing (absent or null), given their
-        ids (``encode_rows``): of the ids 0, those whose value is missing, not unseen."""
-        names = [f.name for f in self.embedded_fields]
-        return sum(rows[i].get(names[j]) is None for i, j in np.argwhere(ids == 0).tolist())
 
     def to_json(self) -> list[dict[str, Any]]:
         return [f.to_json() for f in self.fields]
@@ -392,34 +402,6 @@ class FeatureSpec:
                 )
             )
         return cls(tuple(built), index)
-
-
-def _category(value: Any) -> str | None:
-    """A raw sparse value's lookup key: None stays missing, an integer is its decimal
-    string, a long string its digest."""
-    if value is None:
-        return None
-    return value_key(value if value.__class__ is str else str(value))
-
-
-def _row_keys(values: list[Any]) -> list[str]:
-    """``values`` (raw sparse values of rows) made lookup keys in place (``_key``): the
-    loops in C, Python only for the few that are not short strings."""
-    count = len(values)
-    strings = np.fromiter(map(operator.is_, map(type, values), repeat(str)), bool, count=count)
-    for i in np.flatnonzero(~strings).tolist():
-        values[i] = _key(values[i])
-    lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
-    for i in np.flatnonzero(lengths > KEY_CHARS).tolist():
-        values[i] = value_key(values[i])
-    return values
-
-
-def _key(value: Any) -> str:
-    """``_category``, but a missing value's key is ``NOT_A_KEY`` (found nowhere)."""
-    return (
-        NOT_A_KEY if value is None else value_key(value if value.__class__ is str else str(value))
-    )
 
 
 @dataclass(frozen=True)

@@ -79,16 +79,12 @@ CACHED_ENTRIES = 1 << 17  # an index this small (its hi words: 1 MiB) stays in c
 SEEDS = tuple(map(field_seed, range(MAX_FIELDS)))  # looked up in C, per key
 
 
-def digests(keys: Sequence[str | None], fields: Iterable[int]) -> npt.NDArray[np.uint64]:
+def digests(keys: Sequence[str], fields: Iterable[int]) -> npt.NDArray[np.uint64]:
     """The digest of every key in its field (``fields`` runs along ``keys``, and may be
-    longer): ``len(keys) x 2`` (hi, lo) uint64.
-
-    None is hashed as ``NOT_A_KEY``. One pass in C: no Python code runs per key.
+    longer): ``len(keys) x 2`` (hi, lo) uint64. One pass in C: no Python code runs per
+    key. (A missing value's key is ``NOT_A_KEY``: ``model.features.lookup_keys``.)
     """
-    try:
-        encoded = list(map(str.encode, keys, repeat("utf-8"), repeat("surrogatepass")))  # type: ignore[arg-type]
-    except TypeError:  # a None among them (or a key that is no string, which fails again)
-        encoded = [(NOT_A_KEY if k is None else k).encode("utf-8", "surrogatepass") for k in keys]
+    encoded = list(map(str.encode, keys, repeat("utf-8"), repeat("surrogatepass")))
     joined = b"".join(map(xxh3_128_digest, encoded, map(SEEDS.__getitem__, fields)))
     return np.frombuffer(joined, dtype="<u8").astype(np.uint64, copy=False).reshape(-1, 2)
 
@@ -166,9 +162,9 @@ class VocabIndex:
             shared_hi=bool(len(hi) > 1 and np.any(hi[1:] == hi[:-1])),
         )
 
-    def find(self, keys: Sequence[str | None], fields: Iterable[int]) -> npt.NDArray[np.int64]:
+    def find(self, keys: Sequence[str], fields: Iterable[int]) -> npt.NDArray[np.int64]:
         """The index of every key in its field (``fields`` runs along ``keys``); a key
-        not in the field's vocabulary, or None, gives 0."""
+        not in the field's vocabulary (``NOT_A_KEY`` among them) gives 0."""
         if not len(keys) or not len(self.ids):
             return np.zeros(len(keys), dtype=np.int64)
         query = digests(keys, fields)
@@ -210,8 +206,8 @@ class VocabIndex:
             pending = pending[at[pending] < stop[pending]]
         return at
 
-    def lookup(self, field: int, keys: Sequence[str | None]) -> npt.NDArray[np.int64]:
-        """The index of every key in field ``field`` (0: unseen, or None)."""
+    def lookup(self, field: int, keys: Sequence[str]) -> npt.NDArray[np.int64]:
+        """The index of every key in field ``field`` (0: unseen, or ``NOT_A_KEY``)."""
         return self.find(keys, repeat(field))
 
     def save(self, path: Path) -> None:

@@ -63,16 +63,17 @@ class MemoryStore(EmbeddingStore):
         self._missing = metrics.missing
 
     def encode(self, rows: Sequence[Row]) -> Encoded:
-        ids, dense = self._features.encode_rows(rows)
+        keyed = self._features.row_keys(rows)
+        ids = self._features.ids(keyed)
         # Index 0 is a missing value or an unseen one; only the unseen were looked up.
-        missing = self._features.count_missing(rows, ids)
+        missing = keyed.missing
         oov = int(np.count_nonzero(ids == 0)) - missing
         self._missing.inc(missing)
         self._lookups.inc(ids.size - missing)
         self._hits.inc(ids.size - missing - oov)
         self._oov.inc(oov)
         with torch.inference_mode():
-            return self._model.gather(torch.from_numpy(ids)), dense
+            return self._model.gather(torch.from_numpy(ids)), keyed.dense
 
     @property
     def state(self) -> StoreState:

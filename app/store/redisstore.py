@@ -262,14 +262,15 @@ class RedisStore(EmbeddingStore):
     # -- the worker thread's side: a batch's rows
 
     def encode(self, rows: Sequence[Row]) -> Encoded:
-        columns, dense = self._features.categorize_rows(rows)
+        keyed = self._features.row_keys(rows)
+        columns, dense = keyed.columns, keyed.dense
         cache = self._cache
         slots = np.empty((len(rows), len(columns)), dtype=np.int64)
         for j, column in enumerate(columns):
             slots[:, j] = cache.slots(j, column)
         missed = slots == MISS
         misses = int(np.count_nonzero(missed))
-        # A missing value (None) is no lookup: it has its OOV slot, never a miss.
+        # A missing value (NOT_A_KEY) is no lookup: it has its OOV slot, never a miss.
         missing = int(np.count_nonzero(slots >= cache.capacity))
         self._missing.inc(missing)
         self._lookups["lru"].inc(slots.size - missing)
@@ -284,9 +285,7 @@ class RedisStore(EmbeddingStore):
         position: dict[Key, int] = {}
         which = []
         for i, j in zip(*np.nonzero(missed), strict=True):  # row-major, as out[missed]
-            value = columns[j][i]
-            assert value is not None  # None has its OOV slot: never a miss
-            key = (int(j), value)
+            key = (int(j), columns[j][i])
             found = position.get(key)
             if found is None:
                 found = position[key] = len(keys)

@@ -12,7 +12,7 @@ every hit, a Python-level step per value that cost redis mode a fifth of its
 throughput against memory mode.
 
 Each field's OOV row sits in a pinned slot past the evictable ones, and a
-missing value (None) maps to it. Only the forward-pass worker thread uses a
+missing value (its key ``NOT_A_KEY``) maps to it. Only the forward-pass worker thread uses a
 cache: it takes no lock.
 """
 
@@ -23,6 +23,8 @@ from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
+
+from model.vocabindex import NOT_A_KEY
 
 Key = tuple[int, str]  # (field, value)
 FloatRows = npt.NDArray[np.float32]
@@ -41,7 +43,7 @@ class RowCache:
         self.capacity = capacity
         self._rows: FloatRows = np.empty((capacity + fields, width), dtype=np.float32)
         self._rows[capacity:] = oov_rows
-        self._index: list[dict[str | None, int]] = [{None: capacity + j} for j in range(fields)]
+        self._index: list[dict[str, int]] = [{NOT_A_KEY: capacity + j} for j in range(fields)]
         self._owner: list[Key | None] = [None] * capacity
         self._referenced = np.zeros(capacity + fields, dtype=bool)
         self._used = 0
@@ -50,8 +52,9 @@ class RowCache:
     def __len__(self) -> int:
         return self._used
 
-    def slots(self, field: int, values: Sequence[str | None]) -> Slots:
-        """The slot of each value of ``field`` (its OOV slot for None), ``MISS`` if absent."""
+    def slots(self, field: int, values: Sequence[str]) -> Slots:
+        """The slot of each lookup key of ``field`` (its OOV slot for ``NOT_A_KEY``),
+        ``MISS`` if absent."""
         return np.fromiter(
             map(self._index[field].get, values, repeat(MISS)), dtype=np.int64, count=len(values)
         )
@@ -67,7 +70,7 @@ class RowCache:
             keys, rows = keys[len(keys) - self.capacity :], rows[len(keys) - self.capacity :]
             for j, field_index in enumerate(self._index):
                 field_index.clear()
-                field_index[None] = self.capacity + j
+                field_index[NOT_A_KEY] = self.capacity + j
             self._owner = [None] * self.capacity
             self._used = self._hand = 0
         targets = self._take(len(keys))

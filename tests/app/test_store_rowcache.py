@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from app.store.rowcache import MISS, RowCache
+from model.vocabindex import NOT_A_KEY
 
 OOV = np.array([[-1.0, -1.0], [-2.0, -2.0]], dtype=np.float32)  # two fields, width 2
 
@@ -10,17 +11,19 @@ def rows(*values: float) -> np.ndarray:
     return np.array([[v, v + 0.5] for v in values], dtype=np.float32)
 
 
-def lookup(cache: RowCache, field: int, *values: str | None) -> list[int]:
+def lookup(cache: RowCache, field: int, *values: str) -> list[int]:
     return cache.slots(field, list(values)).tolist()
 
 
 def test_hits_misses_and_missing_values() -> None:
     cache = RowCache(capacity=4, oov_rows=OOV)
     cache.insert([(0, "a"), (1, "a")], rows(1, 2))
-    slots = cache.slots(0, ["a", "b", None])
+    slots = cache.slots(0, ["a", "b", NOT_A_KEY])
     assert slots[1] == MISS
     np.testing.assert_array_equal(cache.rows(slots[[0, 2]]), [[1, 1.5], [-1, -1]])
-    np.testing.assert_array_equal(cache.rows(cache.slots(1, ["a", None])), [[2, 2.5], [-2, -2]])
+    np.testing.assert_array_equal(
+        cache.rows(cache.slots(1, ["a", NOT_A_KEY])), [[2, 2.5], [-2, -2]]
+    )
     assert lookup(cache, 1, "b") == [MISS]
     assert len(cache) == 2
 
@@ -63,7 +66,7 @@ def test_more_rows_than_capacity_keeps_the_last() -> None:
     cache.insert([(0, "a"), (0, "b"), (0, "c")], rows(1, 2, 3))
     assert lookup(cache, 0, "x", "a") == [MISS, MISS]
     np.testing.assert_array_equal(cache.rows(cache.slots(0, ["b", "c"])), rows(2, 3))
-    np.testing.assert_array_equal(cache.rows(cache.slots(0, [None])), OOV[:1])
+    np.testing.assert_array_equal(cache.rows(cache.slots(0, [NOT_A_KEY])), OOV[:1])
 
 
 def test_capacity_must_be_positive() -> None:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from model.features import FeatureSpec, Field, SpecFitter, Vocabulary, bucketize
+from model.vocabindex import NOT_A_KEY
 
 
 def obj(*values: object) -> np.ndarray:
@@ -127,24 +128,32 @@ def test_serving_rows_encode_like_training_columns() -> None:
     assert ids_rows[1].tolist() == [0, 0, 0]
 
 
-def test_categories_then_vocabularies_equal_encode_rows() -> None:
-    """The raw-value path (a Redis-backed server) and the id path see the same rows."""
+def test_keys_then_vocabularies_equal_encode_rows() -> None:
+    """The by-value path (a Redis-backed server) and the id path see the same rows."""
     s = spec()
     rows = [{"i1": 2, "i2": 3, "c1": "x", "c2": 80}, {"i1": None, "c1": None}, {}, {"c2": "z"}]
-    columns, dense = s.categorize_rows(rows)
-    assert columns == [["1", None, None, None], ["x", None, None, None], ["80", None, None, "z"]]
-    ids = np.array([s.vocab_index.lookup(j, column) for j, column in enumerate(columns)]).T
+    keyed = s.row_keys(rows)
+    gone = NOT_A_KEY
+    assert keyed.columns == [
+        ["1", gone, gone, gone],
+        ["x", gone, gone, gone],
+        ["80", gone, gone, "z"],
+    ]
+    assert keyed.missing == 8
+    ids = np.array([s.vocab_index.lookup(j, column) for j, column in enumerate(keyed.columns)]).T
     ids_rows, dense_rows = s.encode_rows(rows)
     np.testing.assert_array_equal(ids, ids_rows)
-    np.testing.assert_array_equal(dense, dense_rows)
-    assert s.categorize_rows([])[0] == [[], [], []]
+    np.testing.assert_array_equal(keyed.dense, dense_rows)
+    assert s.row_keys([]).columns == [[], [], []]
+    columns = {"i1": np.array([2.0]), "i2": np.array([3.0]), "c2": obj("80")}
+    assert s.keys(columns, 1).columns == s.row_keys([{"i1": 2, "i2": 3, "c2": 80}]).columns
 
 
 def test_a_spec_without_vocabularies_keeps_sizes_and_refuses_id_lookups() -> None:
     s = spec()
     light = FeatureSpec.from_json(s.to_json(), vocabs={})
     assert light.vocab_sizes == s.vocab_sizes
-    assert light.categorize_rows([{"c1": "x"}])[0] == s.categorize_rows([{"c1": "x"}])[0]
+    assert light.row_keys([{"c1": "x"}]).columns == s.row_keys([{"c1": "x"}]).columns
     with pytest.raises(RuntimeError, match="not loaded"):
         light.encode_rows([{"c1": "x"}])
     with pytest.raises(ValueError, match="not loaded"):

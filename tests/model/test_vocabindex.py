@@ -16,7 +16,7 @@ import xxhash
 import model.vocabindex
 from model.checkpoint import Checkpoint
 from model.data import CRITEO_SCHEMA, criteo_json_rows, read_chunks
-from model.features import KEY_CHARS, FeatureSpec, bucketize, value_key
+from model.features import KEY_CHARS, FeatureSpec, bucketize, lookup_keys, value_key
 from model.vocabindex import NOT_A_KEY, IndexFileError, VocabIndex
 
 DATA = Path(__file__).parents[1] / "data"
@@ -108,10 +108,9 @@ def test_every_value_and_odd_ones_give_the_dict_indices(tiny_checkpoint: Checkpo
         keys = [value_key(v) for v in values]
         assert index.lookup(j, keys).tolist() == list(range(1, len(values) + 1))
         odd = [*ODD, *(v + "!" for v in values[:20])]
-        assert index.lookup(j, [None if v is None else value_key(v) for v in odd]).tolist() == (
-            dict_lookup(reference, odd).tolist()
-        )
-        assert not index.lookup(j, [None, NOT_A_KEY]).any()
+        assert index.lookup(j, lookup_keys(odd)).tolist() == dict_lookup(reference, odd).tolist()
+        assert lookup_keys([None]) == [NOT_A_KEY]  # a missing value: found nowhere
+        assert not index.lookup(j, [NOT_A_KEY]).any()
 
 
 def test_long_values_surrogates_and_digest_lookalikes() -> None:
@@ -157,7 +156,7 @@ def test_equal_hi_words_are_searched_through_exactly(
     index = VocabIndex.build(fields)
     assert index.shared_hi
     for j, values in enumerate(fields):
-        queries = [*values, "v2000", "v-1", None, *values[::-7]]
+        queries = [*values, "v2000", "v-1", NOT_A_KEY, *values[::-7]]
         reference = dict_index(values)
         assert index.lookup(j, queries).tolist() == dict_lookup(reference, queries).tolist()
 
@@ -205,7 +204,7 @@ def test_a_field_seeds_its_digests() -> None:
 
 
 def test_empty_indexes_and_queries() -> None:
-    assert VocabIndex.build([[]]).lookup(0, ["a", None]).tolist() == [0, 0]
+    assert VocabIndex.build([[]]).lookup(0, ["a", NOT_A_KEY]).tolist() == [0, 0]
     assert VocabIndex.build([["a"]]).lookup(0, []).tolist() == []
 
 
@@ -218,7 +217,7 @@ def test_a_saved_index_opens_as_a_read_only_map_and_finds_the_same(tmp_path: Pat
     opened = VocabIndex.open(path)
     assert (opened.label, opened.sizes, len(opened)) == ("deepfm-abc", (3000, 2), 3002)
     assert not opened.hi.flags.writeable and not opened.ids.flags.writeable
-    queries = ["v7", "x", "y", "zz", None]
+    queries = ["v7", "x", "y", "zz", NOT_A_KEY]
     for j in range(2):
         assert opened.lookup(j, queries).tolist() == index.lookup(j, queries).tolist()
     assert path.stat().st_size == len(path.read_bytes()) and path.stat().st_mode & 0o044
