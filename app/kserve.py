@@ -13,7 +13,6 @@ what Triton's clients send by default), answered in kind. Errors are
 
 from __future__ import annotations
 
-import math
 from importlib import metadata
 from typing import Any
 
@@ -27,130 +26,52 @@ from app.errors import ProtocolError
 from app.http import authorize, json_body, json_response, read_body, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
+from app.v2schemas import MODEL_NAME, OUTPUT, ErrorObject, InferResponse, datatype
 
-MODEL_NAME = "ctr"
 PLATFORM = "pytorch_deepfm"
-OUTPUT = "probability"
 BINARY_TYPES = frozenset({"", "application/octet-stream"})
 
 
-_OBJECT: dict[str, Any] = {"type": "object"}
-_TENSOR = {
-    "type": "object",
-    "required": ["name", "shape", "datatype", "data"],
-    "properties": {
-        "name": {"type": "string"},
-        "shape": {"type": "array", "items": {"type": "integer"}},
-        "datatype": {"type": "string"},
-        "parameters": _OBJECT,
-        "data": {"type": "array"},
-    },
-}
-# What this model takes (the schema cannot say that every input's data must be as
-# long as its shape, nor that all inputs share one batch size: those are 400s).
-_INPUT = {
-    **_TENSOR,
-    "properties": {
-        "name": {"type": "string", "description": "a field of the model (GET its metadata)"},
-        "shape": {
-            "type": "array",
-            "items": {"type": "integer", "minimum": 1},
-            "minItems": 1,
-            "maxItems": 1,
-        },
-        "datatype": {"type": "string", "enum": ["BYTES", "FP32"]},
-        "parameters": _OBJECT,
-        "data": {
-            "type": "array",
-            "items": {"type": ["string", "number", "null"]},
-            "minItems": 1,
-        },
-    },
-}
-_ERROR = {
-    "description": "the protocol's error object",
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {"error": {"type": "string"}},
-            }
-        }
-    },
-}
-INFER_DOCS: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "parameters": _OBJECT,
-                        "inputs": {"type": "array", "items": _INPUT, "minItems": 1},
-                        "outputs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name"],
-                                "properties": {
-                                    "name": {"type": "string", "enum": [OUTPUT]},
-                                    "parameters": _OBJECT,
-                                },
-                            },
-                        },
-                    },
-                }
-            }
-        },
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    meanings = {
+        400: "a malformed request, or one the model cannot take",
+        401: "the API key is missing or wrong",
+        404: "no such model or version",
+        413: "the body, or its number of rows, is over its limit",
+        415: "the body is neither JSON nor binary tensor data",
+        503: "overloaded (retry after Retry-After) or shutting down",
     }
-}
+    return {s: {"description": meanings[s], "model": ErrorObject} for s in statuses}
+
+
 INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "the inference response",
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model_name", "outputs"],
-                    "properties": {
-                        "model_name": {"type": "string"},
-                        "model_version": {"type": "string"},
-                        "id": {"type": "string"},
-                        "outputs": {"type": "array", "items": _TENSOR},
-                    },
-                }
-            }
-        },
+        "description": "the inference response (in binary when asked for)",
+        "model": InferResponse,
     },
-    400: _ERROR,
-    401: _ERROR,
-    404: _ERROR,
-    413: _ERROR,
-    415: _ERROR,
-    503: _ERROR,
+    **_errors(400, 401, 404, 413, 415, 503),
 }
-_MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {401: _ERROR, 404: _ERROR}
+_MODEL_RESPONSES = _errors(401, 404)
 _READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "not ready (shutting down)"},
-    404: _ERROR,
+    **_errors(404),
 }
 
 
-def document(schema: dict[str, Any], version: str) -> None:
-    """Finish the OpenAPI description of the v2 paths in ``schema``: the model name and
-    version parameters take the served model's (so a client or a fuzzer reaches the
-    model, and learns that anything else is a 404), and no operation claims a 422,
-    which these routes never answer."""
+def document(schema: dict[str, Any], version: str, infer_body: dict[str, Any]) -> None:
+    """Finish the OpenAPI description of the v2 paths in ``schema``: the inference
+    operations take ``infer_body`` (the served model's ``InferSchema``); the model name
+    and version parameters take the served model's (so a client or a fuzzer reaches the
+    model, and learns that anything else is a 404); and no operation claims a 422, which
+    these routes never answer."""
     values = {"name": [MODEL_NAME], "version": [version]}
     for path, operations in schema.get("paths", {}).items():
         if not path.startswith("/v2/"):
             continue
         for operation in operations.values():
             operation.get("responses", {}).pop("422", None)
+            if path.endswith("/infer"):
+                operation["requestBody"] = infer_body
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "path" and parameter["name"] in values:
                     parameter["schema"]["enum"] = values[parameter["name"]]
@@ -213,7 +134,6 @@ def build_v2_router() -> APIRouter:
     @router.post(
         "/models/{name}/infer",
         summary="Inference",
-        openapi_extra=INFER_DOCS,
         responses=INFER_RESPONSES,
     )
     async def infer(request: Request, name: str) -> Response:
@@ -222,7 +142,6 @@ def build_v2_router() -> APIRouter:
     @router.post(
         "/models/{name}/versions/{version}/infer",
         summary="Inference by a version",
-        openapi_extra=INFER_DOCS,
         responses=INFER_RESPONSES,
     )
     async def version_infer(request: Request, name: str, version: str) -> Response:
@@ -256,7 +175,7 @@ def _metadata(request: Request, name: str, version: str | None) -> Response:
             "versions": [model.version],
             "platform": PLATFORM,
             "inputs": [
-                {"name": f.name, "datatype": _datatype(f.kind), "shape": [-1]}
+                {"name": f.name, "datatype": datatype(f.kind), "shape": [-1]}
                 for f in model.features.fields
             ],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1]}],
@@ -281,18 +200,20 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     # The model that checks the request scores it (see app.routes.predict).
     model = runtime.model
     _check_model(runtime, name, version, model)
-    data = b""
-    if header is not None:
+    if header is None:
+        body = model.v2.validate_json(raw)
+    else:
         raw, data = tensordata.split(raw, header)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"the body is not valid JSON: {exc}") from None
-    if isinstance(body, dict):
-        tensordata.attach(body.get("inputs"), data)
-    elif data:
-        raise ProtocolError("binary data with no inference request before it")
-    rows, request_id = _rows(body, model, runtime.settings)
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(f"the body is not valid JSON: {exc}") from None
+        if isinstance(parsed, dict):
+            tensordata.attach(parsed.get("inputs"), data)
+        elif data:
+            raise ProtocolError("binary data with no inference request before it")
+        body = model.v2.validate(parsed)
+    rows = _rows(body, model, runtime.settings)
     probabilities, served_by, _ = await runtime.predict_many(model, rows)
     answer: dict[str, Any] = {
         "model_name": MODEL_NAME,
@@ -306,8 +227,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             }
         ],
     }
-    if request_id is not None:
-        answer["id"] = request_id
+    if body.get("id") is not None:
+        answer["id"] = body["id"]
     if tensordata.wants_binary(body):
         content, header_length = tensordata.encode(answer, probabilities)
         return Response(
@@ -318,84 +239,31 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return json_response(answer)
 
 
-def _rows(
-    body: Any, model: ServingModel, settings: Settings
-) -> tuple[list[dict[str, Any]], str | None]:
-    """An inference request -> rows of raw values (field -> value), and its id."""
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
-        raise ProtocolError('an inference request is an object with an "inputs" array')
-    request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError('"id" must be a string')
-    outputs = body.get("outputs", [])
-    if not isinstance(outputs, list) or any(
-        not isinstance(output, dict) or output.get("name") != OUTPUT for output in outputs
-    ):
-        raise ProtocolError(f'"outputs" lists requested outputs; the only one is "{OUTPUT}"')
-    fields = model.features.by_name
+def _rows(body: dict[str, Any], model: ServingModel, settings: Settings) -> list[dict[str, Any]]:
+    """A validated inference request (``InferSchema``) -> rows of raw values (field ->
+    value), after the checks no schema can make: no input twice, each as long as its
+    shape, one batch size, at most ``max_instances`` rows."""
     columns: dict[str, list[Any]] = {}
     size: int | None = None
     for tensor in body["inputs"]:
-        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-            raise ProtocolError('every input is an object with a "name"')
-        name = tensor["name"]
-        field = fields.get(name)
-        if field is None:
-            raise ProtocolError(f"unknown input {name!r}: GET /v2/models/{MODEL_NAME} lists them")
+        name, (length,) = tensor["name"], tensor["shape"]
         if name in columns:
             raise ProtocolError(f"input {name!r} is given twice")
-        expected = _datatype(field.kind)
-        if tensor.get("datatype") != expected:
-            raise ProtocolError(
-                f"input {name!r} has datatype {tensor.get('datatype')!r}, expected {expected}"
-            )
-        shape = tensor.get("shape")
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 1
-            or not isinstance(shape[0], int)
-            or isinstance(shape[0], bool)
-            or shape[0] < 1
-        ):
-            raise ProtocolError(f"input {name!r} must have shape [n], n >= 1, not {shape!r}")
-        data = _flatten(tensor.get("data"), name)
-        if len(data) != shape[0]:
-            raise ProtocolError(f"input {name!r} has {len(data)} values for shape {shape}")
-        if size is not None and shape[0] != size:
-            raise ProtocolError(f"inputs have different batch sizes ({size} and {shape[0]})")
-        size = shape[0]
-        columns[name] = [_value(v, field.kind, name) for v in data]
-    if size is None:
-        raise ProtocolError("no inputs")
+        data = tensor.get("data")
+        if data is None:
+            raise ProtocolError(f'input {name!r} has neither "data" nor binary data')
+        if len(data) != length:
+            raise ProtocolError(f"input {name!r} has {len(data)} values for shape [{length}]")
+        if size is not None and length != size:
+            raise ProtocolError(f"inputs have different batch sizes ({size} and {length})")
+        size = length
+        columns[name] = data
+    assert size is not None  # (at least one input)
     if size > settings.max_instances:
         raise ProtocolError(f"{size} rows; at most {settings.max_instances}", 413)
-    rows = [{} for _ in range(size)]  # type: list[dict[str, Any]]
+    rows: list[dict[str, Any]] = [{} for _ in range(size)]
     for name, values in columns.items():
         for row, value in zip(rows, values, strict=True):
-            if value is not None:
+            if value is not None and value != "":  # (an empty string is missing)
                 row[name] = value
-    return rows, request_id
-
-
-def _flatten(data: Any, name: str) -> list[Any]:
-    """The values of a tensor of shape [n]: a flat array (nesting would mean more
-    dimensions than the shape has)."""
-    if not isinstance(data, list) or any(isinstance(v, list | dict) for v in data):
-        raise ProtocolError(f'input {name!r} of shape [n] needs a flat "data" array')
-    return data
-
-
-def _value(value: Any, kind: str, name: str) -> Any:
-    if value is None:
-        return None
-    if kind == "sparse":
-        if not isinstance(value, str):
-            raise ProtocolError(f"input {name!r} (BYTES) takes strings, not {value!r}")
-        return value or None  # "" is missing
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ProtocolError(f"input {name!r} (FP32) takes finite numbers, not {value!r}")
-    return float(value)
-
-
-def _datatype(kind: str) -> str:
-    return "BYTES" if kind == "sparse" else "FP32"
+    return rows

@@ -24,12 +24,14 @@ from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings
 from app.control import SupervisorLink
 from app.errors import ServiceError, error_response
+from app.http import body_schema
 from app.kserve import build_v2_router
 from app.logs import configure
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.routes import build_router, prediction_docs, prediction_routes
 from app.runtime import Runtime
 from app.schemas import RequestSchemas
+from app.v2schemas import InferSchema
 from model.checkpoint import Prepared, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,8 @@ def create_app(
         settings.max_instances,
         components,
     )
-    _document(app, docs, components, settings)
+    infer_body = body_schema(InferSchema.build(checkpoint.features).adapter, components)
+    _document(app, docs, infer_body, components, settings)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
@@ -126,11 +129,16 @@ def create_app(
 
 
 def _document(
-    app: FastAPI, docs: APIRouter, components: dict[str, Any], settings: Settings
+    app: FastAPI,
+    docs: APIRouter,
+    infer_body: dict[str, Any],
+    components: dict[str, Any],
+    settings: Settings,
 ) -> None:
     """The OpenAPI document: the app's FastAPI routes, the prediction routes' declarations
-    (``docs``) and their request bodies' schema definitions; with an API key set, the
-    operations that need it say so (a security scheme)."""
+    (``docs``), the v2 inference body (``infer_body``) and the request bodies' schema
+    definitions; with an API key set, the operations that need it say so (a security
+    scheme)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -141,7 +149,7 @@ def _document(
                 routes=[*docs.routes, *app.routes],
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
-            kserve.document(schema, app.version)
+            kserve.document(schema, app.version, infer_body)
             if settings.api_key is not None:
                 declare_api_key(schema)
             app.openapi_schema = schema

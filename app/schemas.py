@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AllowInfNan,
@@ -146,15 +146,21 @@ def features_type(spec: FeatureSpec) -> Any:
         missing = "the transform's missing value" if f.kind == "dense" else "the OOV row"
         description = f"{f.kind} ({f.transform}); missing or null: {missing}"
         fields[f.name] = Annotated[kind, Field(description=description)]
-    return _typed_dict("Features", fields, total=False)
+    return typed_dict("Features", fields, total=False)
 
 
-def _typed_dict(name: str, fields: dict[str, Any], *, total: bool = True) -> Any:
+def typed_dict(
+    name: str,
+    fields: dict[str, Any],
+    *,
+    total: bool = True,
+    extra: Literal["forbid", "ignore"] = "forbid",
+) -> Any:
     """A TypedDict built at run time (its keys are the model's field names) that refuses
-    unknown keys."""
+    unknown keys (or, ``extra="ignore"``, drops them). Validation yields plain dicts."""
     factory: Any = TypedDict
     typed = factory(name, fields, total=total)
-    typed.__pydantic_config__ = ConfigDict(extra="forbid")
+    typed.__pydantic_config__ = ConfigDict(extra=extra)
     return typed
 
 
@@ -178,9 +184,9 @@ class RequestSchemas:
         explain = NotRequired[
             Annotated[bool, Strict(), Field(description="also split each logit into parts")]
         ]
-        predict = _typed_dict("PredictRequest", {"features": described, "explain": explain})
+        predict = typed_dict("PredictRequest", {"features": described, "explain": explain})
         instances = Annotated[list[features], Field(min_length=1)]  # type: ignore[valid-type]
-        predict_many = _typed_dict(
+        predict_many = typed_dict(
             "PredictManyRequest", {"instances": instances, "explain": explain}
         )
         context = Annotated[
@@ -198,13 +204,13 @@ class RequestSchemas:
                 Field(ge=1, description="also list the top_k best candidates, best first"),
             ]
         ]
-        rank = _typed_dict(
+        rank = typed_dict(
             "RankRequest",
             {"context": context, "candidates": candidates, "top_k": top_k, "explain": explain},
         )
         unchecked = Annotated[list[Any], Field(min_length=1)]
-        envelope = _typed_dict("PredictManyRequest", {"instances": unchecked, "explain": explain})
-        rank_envelope = _typed_dict(
+        envelope = typed_dict("PredictManyRequest", {"instances": unchecked, "explain": explain})
+        rank_envelope = typed_dict(
             "RankRequest",
             {"context": context, "candidates": unchecked, "top_k": top_k, "explain": explain},
         )

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.schemas import RequestSchemas
 from app.store.base import EmbeddingStore, Row
+from app.v2schemas import InferSchema
 from model.checkpoint import Checkpoint
 from model.deepfm import DeepFM, Split
 from model.predict import sigmoid
@@ -43,6 +44,7 @@ class ServingModel:
         self.version = checkpoint.version
         self.features = checkpoint.features
         self.schemas = RequestSchemas.build(checkpoint.features)
+        self.v2 = InferSchema.build(checkpoint.features)  # (the Open Inference Protocol)
         self.store = store
         self._model = model
         self._metrics = metrics

@@ -125,6 +125,17 @@ def infer_body(**tensor: Any) -> dict[str, Any]:
             "finite numbers",
         ),
         ("/v2/models/ctr/infer", {**infer_body(), "outputs": [{"name": "x"}]}, 400, "output"),
+        ("/v2/models/ctr/infer", {**infer_body(), "id": 3}, 400, '"id" must be a string'),
+        ("/v2/models/ctr/infer", {"inputs": [{"shape": [1]}]}, 400, 'a string "name"'),
+        ("/v2/models/ctr/infer", infer_body(name=["C1"]), 400, 'a string "name"'),
+        ("/v2/models/ctr/infer", infer_body(shape=[0], data=["a"]), 400, "shape [n], n >= 1"),
+        ("/v2/models/ctr/infer", infer_body(shape=[1], data=[]), 400, "'C1' has no values"),
+        (
+            "/v2/models/ctr/infer",
+            {"inputs": [{"name": "C1", "datatype": "BYTES", "shape": [1]}]},
+            400,
+            'neither "data" nor binary data',
+        ),
     ],
 )
 async def test_v2_errors_use_the_protocols_shape(
