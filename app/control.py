@@ -159,7 +159,7 @@ class SupervisorLink:
             prepared = Prepared.from_json(order["prepared"])
             failed = {"op": "load_failed", "id": key}
             try:
-                self._loaded[key] = await runtime.load(prepared.directory, prepared)
+                self._loaded[key] = await runtime.load(prepared)
             except ServiceError as exc:
                 await self._send({**failed, "status": exc.status_code, "detail": exc.detail})
             except Exception as exc:  # (logged by the runtime)

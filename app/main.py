@@ -52,8 +52,8 @@ def create_app(
     if settings is None:  # a server's factory (uvicorn --factory)
         settings = Settings.of_server()
         configure(settings.log_level)
-    directory = settings.model_dir if prepared is None else prepared.directory
-    checkpoint = load_checkpoint(directory, tables=settings.tables_in_process, prepared=prepared)
+    source = settings.model_dir if prepared is None else prepared
+    checkpoint = load_checkpoint(source, tables=settings.tables_in_process)
     metrics = Metrics(multiprocess_dir=settings.metrics_dir if control is not None else None)
 
     # Handed to the runtime once, then forgotten here: the runtime keeps the model

@@ -154,7 +154,7 @@ class Runtime:
         """
         async with self._reload_lock:
             try:
-                new = await self._load(directory or self.settings.model_dir, None)
+                new = await self._load(directory or self.settings.model_dir)
             except Exception:
                 self.metrics.reloads.labels("failed").inc()
                 raise
@@ -162,13 +162,13 @@ class Runtime:
             self.metrics.reloads.labels("ok").inc()
             return versions
 
-    async def load(self, directory: Path, prepared: Prepared) -> ServingModel:
+    async def load(self, prepared: Prepared) -> ServingModel:
         """A reload's first half, for a supervisor that switches every worker at once:
         ``load`` in each, then ``swap`` in each once all loaded (or ``discard``).
         Until the swap (or discard) no other reload starts."""
         await self._reload_lock.acquire()
         try:
-            return await self._load(directory, prepared)
+            return await self._load(prepared)
         except BaseException:
             self._reload_lock.release()
             raise
@@ -187,10 +187,13 @@ class Runtime:
         finally:
             self._reload_lock.release()
 
-    async def _load(self, directory: Path, prepared: Prepared | None) -> ServingModel:
+    async def _load(self, source: Path | Prepared) -> ServingModel:
+        """The checkpoint of ``source`` (a directory, or one the supervisor verified) as a
+        model ready to swap in, else an error that says why (nothing changes)."""
         if self._closing:
             raise NotReady("the service is shutting down")
         old = self.model
+        directory = source.directory if isinstance(source, Prepared) else source
         if not (directory / SPEC_FILE).is_file():
             log.error(
                 "reload refused, still serving %s: no checkpoint at %s", old.version, directory
@@ -198,10 +201,7 @@ class Runtime:
             raise NotFound(f"no checkpoint at {directory} (no {SPEC_FILE})")
         try:
             checkpoint = await asyncio.to_thread(
-                load_checkpoint,
-                directory,
-                tables=self.settings.tables_in_process,
-                prepared=prepared,
+                load_checkpoint, source, tables=self.settings.tables_in_process
             )
             new = await load_serving_model(self.settings, self.metrics, checkpoint)
         except (CheckpointError, OSError) as exc:

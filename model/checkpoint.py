@@ -23,7 +23,7 @@ vocabularies are read to be verified and turned into one
 Verify once, load many: ``prepare_checkpoint`` verifies a directory as loading
 does, with no torch operation (a supervisor runs it, then forks workers), and
 writes to its ``index_dir`` the vocabulary index and a copy of the weights it
-verified. Each worker loads with ``load_checkpoint(dir, prepared=p)``: nothing
+verified. Each worker loads with ``load_checkpoint(p)``: nothing
 hashed again, provided every checkpoint file is still the one verified (device,
 inode, size, mtime: a checkpoint is replaced by a rename), and both files are
 memory maps (the weights' copy-on-write, ``MAP_PRIVATE``, the index read-only),
@@ -258,7 +258,7 @@ def save_checkpoint(
 
 def prepare_checkpoint(directory: Path | str, index_dir: Path, *, tables: bool) -> Prepared:
     """Verify a checkpoint as ``load_checkpoint`` does (raising the same CheckpointError)
-    for ``load_checkpoint(..., prepared=)``. With ``tables``, also write to ``index_dir``
+    for ``load_checkpoint(prepared)``. With ``tables``, also write to ``index_dir``
     the vocabulary index (``<version>.vocabindex``, kept when a valid one is there) and
     the weights verified (``<version>.safetensors``, copied, then hashed), which the
     workers map: a weights file changed in place in the checkpoint directory (truncated,
@@ -295,29 +295,30 @@ def prepare_checkpoint(directory: Path | str, index_dir: Path, *, tables: bool) 
     return Prepared(directory, opened.version, identity, index, weights)
 
 
-def load_checkpoint(
-    directory: Path | str, *, tables: bool = True, prepared: Prepared | None = None
-) -> Checkpoint:
-    """Load and verify a checkpoint; raise CheckpointError saying what is wrong.
+def load_checkpoint(source: Path | str | Prepared, *, tables: bool = True) -> Checkpoint:
+    """Load and verify a checkpoint, from its directory or from what ``prepare_checkpoint``
+    made of it; raise CheckpointError saying what is wrong.
 
     ``tables=False``: the dense part and the OOV rows only (see the module doc).
-    ``prepared``: what ``prepare_checkpoint`` made of this directory. The files are not
-    hashed again, but must still be the ones it verified (else CheckpointError: changed
-    since it was verified); the tables are views on its copy of the weights and the
-    vocabulary index is its file, both memory-mapped and shared. Without ``prepared``,
-    the weights are read into this process's memory (a mapping of the checkpoint's own
-    file would die of SIGBUS were the file truncated in place) and the index is built.
+    A ``Prepared`` source is not hashed again, but its files must still be the ones it
+    verified (else CheckpointError: changed since it was verified); the tables are views
+    on its copy of the weights and the vocabulary index is its file, both memory-mapped
+    and shared. From a directory, the weights are read into this process's memory (a
+    mapping of the checkpoint's own file would die of SIGBUS were the file truncated in
+    place) and the index is built.
     """
-    directory = Path(directory)
-    source = None
+    prepared: Prepared | None
+    if isinstance(source, Prepared):
+        prepared, directory = source, source.directory
+    else:
+        prepared, directory = None, Path(source)
+    weights = None
     if prepared is not None:
-        if directory != prepared.directory:
-            raise ValueError(f"{directory}: prepared is of {prepared.directory}")
         if tables and (prepared.index is None or prepared.weights is None):
             raise ValueError(f"{directory}: prepared without its tables")
-        source = prepared.weights if tables else None
+        weights = prepared.weights if tables else None
     seen: dict[str, tuple[int, int, int, int]] = {}
-    opened = _open(directory, seen, source, private=tables and prepared is None)
+    opened = _open(directory, seen, weights, private=tables and prepared is None)
     if prepared is None:
         _verify_version(opened)
     else:

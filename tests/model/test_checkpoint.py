@@ -232,7 +232,7 @@ def test_a_prepared_load_equals_a_verified_one(tiny_checkpoint: Checkpoint, copy
         SPEC_FILE,
         *(f"vocab/{f.name}.txt" for f in tiny_checkpoint.features.embedded_fields),
     }
-    loaded = load_checkpoint(copy, prepared=prepared)
+    loaded = load_checkpoint(prepared)
     assert loaded.version == tiny_checkpoint.version
     rows = criteo_json_rows(ROWS_FILE)
     expected = Predictor(tiny_checkpoint).predict_rows(rows)
@@ -250,11 +250,11 @@ def test_a_prepared_load_without_tables(tiny_checkpoint: Checkpoint, copy: Path)
     prepared = prepare_checkpoint(copy, copy.parent / "index", tables=False)
     assert prepared.index is None and prepared.weights is None
     assert {name for name, *_ in prepared.identity} == {WEIGHTS_FILE, SPEC_FILE}
-    light = load_checkpoint(copy, tables=False, prepared=prepared)
+    light = load_checkpoint(prepared, tables=False)
     assert TABLES not in light.state and light.features.index is None
     assert torch.equal(light.oov_rows, tiny_checkpoint.oov_rows)
     with pytest.raises(ValueError, match="without its tables"):
-        load_checkpoint(copy, prepared=prepared)
+        load_checkpoint(prepared)
 
 
 PREDICT_IN_CHILD = """
@@ -264,7 +264,7 @@ from model.predict import Predictor
 
 prepared = Prepared.from_json(json.loads(sys.argv[1]))
 rows = json.loads(sys.stdin.read())
-checkpoint = load_checkpoint(prepared.directory, prepared=prepared)
+checkpoint = load_checkpoint(prepared)
 print(json.dumps(Predictor(checkpoint).predict_rows(rows).tolist()))
 """
 
@@ -406,7 +406,7 @@ def test_a_prepared_load_refuses_files_changed_since(
     prepared = prepare_checkpoint(copy, tmp_path / "index", tables=True)
     CHANGES[change](copy)
     with pytest.raises(CheckpointError, match="changed since it was verified"):
-        load_checkpoint(copy, prepared=prepared)
+        load_checkpoint(prepared)
 
 
 def test_a_prepared_load_refuses_a_broken_or_foreign_index(copy: Path, tmp_path: Path) -> None:
@@ -414,15 +414,13 @@ def test_a_prepared_load_refuses_a_broken_or_foreign_index(copy: Path, tmp_path:
     assert prepared.index is not None
     VocabIndex.build([["a"]], label=prepared.version).save(prepared.index)
     with pytest.raises(CheckpointError, match="is not this checkpoint's index"):
-        load_checkpoint(copy, prepared=prepared)
+        load_checkpoint(prepared)
     prepared.index.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a vocabulary index"):
-        load_checkpoint(copy, prepared=prepared)
+        load_checkpoint(prepared)
     # prepare builds it again: a broken index is no reason to refuse the checkpoint.
     again = prepare_checkpoint(copy, tmp_path / "index", tables=True)
-    assert load_checkpoint(copy, prepared=again).version == prepared.version
-    with pytest.raises(ValueError, match="prepared is of"):
-        load_checkpoint(tmp_path, prepared=again)
+    assert load_checkpoint(again).version == prepared.version
 
 
 def test_weights_overwritten_in_place_never_reach_a_loaded_model(
@@ -431,7 +429,7 @@ def test_weights_overwritten_in_place_never_reach_a_loaded_model(
     """A mapping of the checkpoint's own file would die of SIGBUS (and take the test
     process with it) once the file is truncated: loads hold a copy, private or prepared."""
     prepared = prepare_checkpoint(copy, tmp_path / "index", tables=True)
-    models = [load_checkpoint(copy).build_model(), load_checkpoint(copy, prepared=prepared)]
+    models = [load_checkpoint(copy).build_model(), load_checkpoint(prepared)]
     predictors = [Predictor(load_checkpoint(copy)), Predictor(models[1])]
     (copy / WEIGHTS_FILE).write_bytes(b"garbage")
     rows = criteo_json_rows(ROWS_FILE)
@@ -509,7 +507,7 @@ def rollup():
 before = rollup()
 if sys.argv[1] == "prepared":
     prepared = Prepared.from_json(json.loads(sys.argv[2]))
-    checkpoint = load_checkpoint(prepared.directory, prepared=prepared)
+    checkpoint = load_checkpoint(prepared)
 else:
     checkpoint = load_checkpoint(sys.argv[2])
 model = checkpoint.build_model()
