@@ -116,6 +116,31 @@ class Settings(BaseSettings):
     shutdown_timeout_s: PositiveInt = Field(
         30, description="on SIGTERM, how long in-flight calls may take before the exit"
     )
+    log_sample_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="the share of calls whose rows go to the prediction log (0: off); needs "
+        "a sink, log_dir or log_stream",
+    )
+    log_dir: Path | None = Field(
+        None, description="prediction log sink: JSON-lines files in this folder, one a process"
+    )
+    log_max_bytes: PositiveInt = Field(
+        64 * MiB, description="a prediction log file is rotated past this size"
+    )
+    log_backups: int = Field(5, ge=0, description="rotated prediction log files kept")
+    log_stream: str | None = Field(
+        None, description="prediction log sink: this Redis stream key, on CTR_REDIS_URL"
+    )
+    log_stream_maxlen: PositiveInt = Field(
+        1_000_000, description="the prediction log stream is trimmed near this many records"
+    )
+    log_queue_rows: PositiveInt = Field(
+        100_000,
+        description="rows waiting for each prediction log sink; past it, records are dropped "
+        "(and counted), never a request delayed",
+    )
 
     @classmethod
     def of_server(cls, argv: Sequence[str] | None = None) -> Settings:
@@ -150,6 +175,14 @@ class Settings(BaseSettings):
     def _store_needs_redis(self) -> Settings:
         if self.embedding_store == "redis" and self.redis_url is None:
             raise ValueError("CTR_EMBEDDING_STORE=redis needs CTR_REDIS_URL")
+        return self
+
+    @model_validator(mode="after")
+    def _log_needs_a_sink(self) -> Settings:
+        if self.log_sample_rate > 0 and self.log_dir is None and self.log_stream is None:
+            raise ValueError("CTR_LOG_SAMPLE_RATE needs CTR_LOG_DIR or CTR_LOG_STREAM")
+        if self.log_stream is not None and self.redis_url is None:
+            raise ValueError("CTR_LOG_STREAM needs CTR_REDIS_URL")
         return self
 
     @property

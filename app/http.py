@@ -1,11 +1,15 @@
 """HTTP plumbing every endpoint module shares: the runtime of a request, the API key,
-JSON bodies in and out, validation against a compiled schema, OpenAPI pieces."""
+JSON bodies in and out, validation against a compiled schema, the prediction log's
+hand-over, OpenAPI pieces."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Annotated, Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import Response
@@ -15,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from app.errors import ClientGone, InvalidRequest, Unauthorized, UnsupportedMediaType
 from app.runtime import Runtime
 from app.schemas import ErrorResponse, error_details
+from app.store.base import Row
 
 JSON = "application/json"
 
@@ -32,6 +37,22 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def log_served(
+    request: Request,
+    runtime: Runtime,
+    version: str,
+    rows: Sequence[Row],
+    probabilities: npt.NDArray[np.float64],
+    context: Row | None = None,
+) -> None:
+    """Hand a call's rows and answers to the prediction log (which samples, and never
+    blocks), under the request's id and its route's template."""
+    log = runtime.prediction_log
+    if log.sample_rate > 0:
+        endpoint = getattr(request.scope.get("route"), "path", request.url.path)
+        log.offer(request.state.request_id, endpoint, version, rows, probabilities, context)
 
 
 def authorize(request: Request, runtime: Runtime) -> None:

@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from app import tensordata
 from app.config import Settings
 from app.errors import ProtocolError
-from app.http import authorize, json_body, json_response, read_body, runtime_of
+from app.http import authorize, json_body, json_response, log_served, read_body, runtime_of
 from app.runtime import Runtime
 from app.serving import ServingModel
 from app.v2schemas import MODEL_NAME, OUTPUT, ErrorObject, InferResponse, datatype
@@ -215,6 +215,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         body = model.v2.validate(parsed)
     rows = _rows(body, model, runtime.settings)
     probabilities, served_by, _ = await runtime.predict_many(model, rows)
+    log_served(request, runtime, served_by, rows, probabilities)
     answer: dict[str, Any] = {
         "model_name": MODEL_NAME,
         "model_version": served_by,

@@ -28,6 +28,7 @@ from app.http import body_schema
 from app.kserve import build_v2_router
 from app.logs import configure
 from app.metrics import Metrics, RequestMetricsMiddleware
+from app.requestid import RequestIdMiddleware
 from app.routes import build_router, prediction_docs, prediction_routes
 from app.runtime import Runtime
 from app.schemas import RequestSchemas
@@ -125,6 +126,7 @@ def create_app(
     # The last added is the outermost: metrics see the 413s of the body limit too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=endpoints)
+    app.add_middleware(RequestIdMiddleware)  # (outermost: every answer carries the id)
     return app
 
 

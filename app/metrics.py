@@ -128,6 +128,18 @@ class Metrics:
             "ctr_overloaded", "calls refused with 503 because the queue was full", registry=r
         )
         self.errors = Counter("ctr_errors", "errors answered, by kind", ["kind"], registry=r)
+        self.log_records = Counter(
+            "ctr_prediction_log_records",
+            "prediction log records written, by sink",
+            ["sink"],
+            registry=r,
+        )
+        self.log_dropped = Counter(
+            "ctr_prediction_log_dropped",
+            "prediction log records dropped, by sink and reason (queue_full, sink_error)",
+            ["sink", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "ctr_model_info",
             "the loaded model (value 1; 0: one served before a reload)",

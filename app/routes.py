@@ -21,6 +21,7 @@ from app.http import (
     error_responses,
     json_body,
     json_response,
+    log_served,
     runtime_of,
     validate,
     validate_value,
@@ -62,7 +63,9 @@ async def predict(request: Request) -> Response:
     model = runtime.model
     body = validate(raw, model.schemas.predict)
     explain = body.get("explain", False)
-    probability, version, explanation = await runtime.predict_one(model, body["features"], explain)
+    features = body["features"]
+    probability, version, explanation = await runtime.predict_one(model, features, explain)
+    log_served(request, runtime, version, [features], np.array([probability]))
     if explain:
         return json_response(
             {"probability": probability, "model_version": version, "explanation": explanation}
@@ -117,6 +120,7 @@ async def predict_many(request: Request) -> Response:
     instances = body["instances"]
     explain = body.get("explain", False)
     probabilities, version, explanations = await runtime.predict_many(model, instances, explain)
+    log_served(request, runtime, version, instances, probabilities)
     if explain:
         return json_response(
             {
@@ -154,6 +158,7 @@ async def rank(request: Request) -> Response:
     probabilities, version, explanations = await runtime.predict_many(
         model, candidates, explain, context
     )
+    log_served(request, runtime, version, candidates, probabilities, context)
     answer: dict[str, Any] = {"probabilities": probabilities, "model_version": version}
     if (top_k := body.get("top_k")) is not None:
         best = np.argsort(-probabilities, kind="stable")[:top_k].tolist()

@@ -18,6 +18,7 @@ from app.batching import BatcherClosed, MicroBatcher
 from app.config import Settings
 from app.errors import InvalidCheckpoint, NotFound, NotReady, Overloaded
 from app.metrics import Metrics
+from app.predlog import PredictionLog, open_prediction_log
 from app.serving import Explained, ServingModel
 from app.store.base import EmbeddingStore, MemoryStore, Row
 from app.store.client import connect, connect_sync
@@ -101,10 +102,17 @@ class Runtime:
     batch is scored by one model and answered with that model's version.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, model: ServingModel) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        model: ServingModel,
+        prediction_log: PredictionLog | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.model = model
+        self.prediction_log = prediction_log or PredictionLog([], 0.0, 1, metrics)
         self._batcher: MicroBatcher[Call, Result] = MicroBatcher(
             self._process,
             settings.batch_max,
@@ -141,7 +149,7 @@ class Runtime:
             serving.store.state,
             threads,
         )
-        return cls(settings, metrics, serving)
+        return cls(settings, metrics, serving, open_prediction_log(settings, metrics))
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
         """Load, verify, publish (redis store) and warm the checkpoint in ``directory``
@@ -342,4 +350,5 @@ class Runtime:
             pass
         await self._batcher.close()
         await self.model.store.aclose()
+        await asyncio.to_thread(self.prediction_log.close)
         gc.unfreeze()  # what start froze may be garbage now (a test's app, a replaced model)

@@ -78,6 +78,10 @@ class Explanation(BaseModel):
         "interactions with every other field"
     )
     dnn: float = Field(description="the deep part's term")
+    probability: float = Field(
+        description="the probability served for this logit: sigmoid(logit), corrected for "
+        "negative down-sampling and calibrated as GET /model's calibration says"
+    )
 
 
 class PredictResponse(BaseModel):

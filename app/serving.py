@@ -23,7 +23,6 @@ from app.store.base import EmbeddingStore, Row
 from app.v2schemas import InferSchema
 from model.checkpoint import Checkpoint
 from model.deepfm import DeepFM, Split
-from model.predict import sigmoid
 
 SPLITS_KEPT = 64  # distinct context field sets whose split is kept
 Explained = dict[str, Any]  # one row's explanation (app.schemas.Explanation)
@@ -43,6 +42,7 @@ class ServingModel:
         self.checkpoint = checkpoint
         self.version = checkpoint.version
         self.features = checkpoint.features
+        self.calibration = checkpoint.calibration
         self.schemas = RequestSchemas.build(checkpoint.features)
         self.v2 = InferSchema.build(checkpoint.features)  # (the Open Inference Protocol)
         self.store = store
@@ -71,7 +71,7 @@ class ServingModel:
             logits = self._model.forward_rows(
                 gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
             )
-        return sigmoid(logits.numpy())
+        return self.calibration.probabilities(logits.numpy())
 
     def rank(self, context: Row, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
         """Click probabilities of ``rows`` with ``context``'s fields merged into each (a
@@ -93,7 +93,7 @@ class ServingModel:
                 split,
             )
         self._metrics.rows_predicted.inc(len(rows))
-        return sigmoid(logits.numpy())
+        return self.calibration.probabilities(logits.numpy())
 
     def _split(self, names: frozenset[str]) -> Split:
         """How a context naming the fields ``names`` divides the model's input: worked
@@ -123,8 +123,9 @@ class ServingModel:
                         gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
                     ).items()
                 }
-            probabilities.append(sigmoid(parts["logit"]))
-            explanations += self._explanations(parts)
+            served = self.calibration.probabilities(parts["logit"])
+            probabilities.append(served)
+            explanations += self._explanations(parts, served)
         self._metrics.rows_predicted.inc(len(rows))
         return np.concatenate(probabilities), explanations
 
@@ -139,7 +140,9 @@ class ServingModel:
         names = [f.name for f in self.features.fields]
         return [column[name] for name in names], names, embedded
 
-    def _explanations(self, parts: dict[str, npt.NDArray[np.float32]]) -> list[Explained]:
+    def _explanations(
+        self, parts: dict[str, npt.NDArray[np.float32]], served: npt.NDArray[np.float64]
+    ) -> list[Explained]:
         order, names, embedded = self._first_order_layout
         first = np.concatenate((parts["first_order"], parts["dense_linear"]), axis=1)[:, order]
         first += 0.0  # -0.0 (a missing dense value times its weight) reads as 0.0
@@ -150,13 +153,15 @@ class ServingModel:
                 "first_order": dict(zip(names, first_row, strict=True)),
                 "fm": dict(zip(embedded, fm_row, strict=True)),
                 "dnn": dnn,
+                "probability": probability,
             }
-            for logit, bias, first_row, fm_row, dnn in zip(
+            for logit, bias, first_row, fm_row, dnn, probability in zip(
                 parts["logit"].tolist(),
                 parts["bias"].tolist(),
                 first.tolist(),
                 parts["fm"].tolist(),
                 parts["dnn"].tolist(),
+                served.tolist(),
                 strict=True,
             )
         ]
@@ -179,5 +184,6 @@ class ServingModel:
             "embed_dim": c.config.embed_dim,
             "hidden_units": list(c.config.hidden_units),
             "metrics": dict(c.metrics),
+            "calibration": self.calibration.describe(),
             "embedding_store": self.store.backend,
         }

@@ -2,7 +2,8 @@
 
     <dir>/weights.safetensors   every tensor of the DeepFM
     <dir>/spec.json             format_version, model config, feature spec, training
-                                record, metrics, created_at, version
+                                record, metrics, created_at, calibration (when
+                                not the identity: ``model.calibration``), version
     <dir>/vocab/<field>.txt     one value per line; line i is index i (1-based; 0 is OOV)
 
 ``version`` is ``deepfm-`` plus the first 12 hex digits of a SHA-256 over the
@@ -59,6 +60,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from model.calibration import Calibration
 from model.deepfm import DeepFM, DeepFMConfig
 from model.features import FeatureSpec, Vocabulary, lookup_keys
 from model.tensorfile import Entry, header, views
@@ -107,6 +109,11 @@ class Checkpoint:
     @property
     def created_at(self) -> str:
         return str(self.spec.get("created_at", ""))
+
+    @property
+    def calibration(self) -> Calibration:
+        """How its logits become the probabilities served (``model.calibration``)."""
+        return Calibration.from_json(self.spec.get("calibration"))
 
     def build_model(self) -> DeepFM:
         """The DeepFM with this checkpoint's weights, in eval mode.
@@ -205,8 +212,12 @@ def save_checkpoint(
     created_at: str,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> str:
     """Write a checkpoint to ``directory`` (replacing one there) and return its version.
+
+    ``calibration`` goes into spec.json, and so into the version, unless it is the
+    identity (a checkpoint without one serves sigmoid(logit), as before it existed).
 
     The directory is written beside its destination and moved into place, so a
     reader never sees a half-written checkpoint.
@@ -231,6 +242,8 @@ def save_checkpoint(
             "metrics": dict(metrics or {}),
             "created_at": created_at,
         }
+        if calibration is not None and not calibration.identity:
+            spec["calibration"] = calibration.to_json()
         spec["version"] = compute_version(tmp / WEIGHTS_FILE, spec)
         (tmp / SPEC_FILE).write_text(
             json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -451,6 +464,7 @@ def _check(opened: _Opened) -> None:
     try:
         config = DeepFMConfig.from_json(spec["model"])
         features = FeatureSpec.from_json(spec["features"], {})
+        Calibration.from_json(spec.get("calibration"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory}: {SPEC_FILE} is malformed: {exc}") from None
     if features.vocab_sizes != config.vocab_sizes:

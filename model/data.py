@@ -216,19 +216,26 @@ class EncodedData:
         rng: np.random.Generator | None = None,
         block_rows: int = 4096,
         buffer_blocks: int = 64,
+        negative_rate: float = 1.0,
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
         """Batches of rows ``start..stop``; shuffled when ``rng`` is given.
 
         Shuffling is two-level, as in streaming trainers: blocks of
         ``block_rows`` in random order, ``buffer_blocks`` of them at a time,
-        rows shuffled within that buffer.
+        rows shuffled within that buffer. ``negative_rate`` < 1 (with ``rng``): each
+        negative row is kept with that probability, every positive one.
         """
+        if negative_rate < 1.0 and rng is None:
+            raise ValueError("down-sampling negatives needs an rng")
         blocks = [(s, min(s + block_rows, stop)) for s in range(start, stop, block_rows)]
         if rng is not None:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         for g in range(0, len(blocks), buffer_blocks):
             parts = [self.rows(s, e) for s, e in blocks[g : g + buffer_blocks]]
             ids, dense, labels = (np.concatenate(p) for p in zip(*parts, strict=True))
+            if rng is not None and negative_rate < 1.0:
+                kept = (labels > 0) | (rng.random(len(labels)) < negative_rate)
+                ids, dense, labels = ids[kept], dense[kept], labels[kept]
             if rng is not None:
                 order = rng.permutation(len(labels))
                 ids, dense, labels = ids[order], dense[order], labels[order]

@@ -1,6 +1,14 @@
-"""Evaluation: AUC, logloss, calibration by decile, and a report image.
+"""Evaluation: AUC, logloss, normalized entropy, calibration, and a report image.
 
     python -m model.evaluate --checkpoint models/default --data test.tsv --report report.png
+
+Beside AUC and logloss (He et al. 2014, "Practical Lessons from Predicting Clicks on Ads
+at Facebook"): normalized entropy, NE = logloss / H(observed CTR), the logloss against
+always predicting the background rate (below 1 is better than that); the calibration
+ratio, sum of predicted / sum of clicks (1 is calibrated on average); and the expected
+calibration error, the row-weighted mean gap |predicted - observed| over equal-count bins.
+The probabilities are the served ones (the checkpoint's calibration applied); the report
+plots them beside the model's uncalibrated sigmoid(logit) when they differ.
 
 When the data file was generated (``model.synthetic``), the oracle's metrics,
 computed from the true probabilities, are printed beside the model's.
@@ -19,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
+from model.calibration import sigmoid
 from model.checkpoint import load_checkpoint
 from model.cli import add_data_arguments, data_format, schema_from_args
 from model.data import read_chunks
@@ -45,6 +54,24 @@ def logloss(labels: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float:
     return float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
+def normalized_entropy(labels: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float:
+    """Logloss over the entropy of the observed click rate (NE; 1: no better than the rate)."""
+    ctr = float(np.clip(np.mean(labels), 1e-7, 1 - 1e-7))
+    background = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
+    return logloss(labels, probs) / float(background)
+
+
+def calibration_ratio(labels: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float:
+    """Sum of predicted over sum of clicks (1: calibrated on average)."""
+    return float(np.sum(probs) / max(float(np.sum(labels)), 1e-12))
+
+
+def expected_calibration_error(labels: FloatArray, probs: FloatArray, bins: int = 10) -> float:
+    """The row-weighted mean |mean predicted - observed CTR| over equal-count bins."""
+    parts = calibration(labels, probs, bins)
+    return sum(b.rows * abs(b.mean_predicted - b.observed_ctr) for b in parts) / len(labels)
+
+
 def calibration(labels: FloatArray, probs: FloatArray, bins: int = 10) -> list[CalibrationBin]:
     """Mean predicted vs observed click rate in each of ``bins`` equal-count bins."""
     order = np.argsort(probs, kind="stable")
@@ -59,6 +86,9 @@ def metrics(labels: FloatArray, probs: FloatArray) -> dict[str, float]:
     return {
         "auc": auc(labels, probs),
         "logloss": logloss(labels, probs),
+        "ne": normalized_entropy(labels, probs),
+        "calibration_ratio": calibration_ratio(labels, probs),
+        "ece": expected_calibration_error(labels, probs),
         "mean_predicted": float(np.mean(probs)),
         "observed_ctr": float(np.mean(labels)),
     }
@@ -70,8 +100,11 @@ def write_report(
     probs: FloatArray,
     history: Sequence[Mapping[str, Any]] = (),
     title: str = "",
+    uncalibrated: FloatArray | None = None,
 ) -> None:
-    """ROC curve, calibration plot and (when there is one) the training curve, as a PNG."""
+    """ROC curve, calibration plot (with ``uncalibrated``, the model's sigmoid(logit)
+    before its calibration, beside the served probabilities) and (when there is one) the
+    training curve, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,12 +120,19 @@ def write_report(
     ax.legend(loc="lower right")
 
     ax = axes[1]
-    bins = calibration(labels, probs)
-    predicted = [b.mean_predicted for b in bins]
-    observed = [b.observed_ctr for b in bins]
-    top = max(*predicted, *observed) * 1.05
+    curves = [("served", probs)]
+    if uncalibrated is not None:
+        curves.insert(0, ("before calibration", uncalibrated))
+    top = 0.0
+    for label, p in curves:
+        bins = calibration(labels, p)
+        predicted = [b.mean_predicted for b in bins]
+        observed = [b.observed_ctr for b in bins]
+        top = max(top, *predicted, *observed)
+        ece = expected_calibration_error(labels, p)
+        ax.plot(predicted, observed, "o-", label=f"{label} (ECE {ece:.4f})")
+    top *= 1.05
     ax.plot([0, top], [0, top], ":", color="grey", label="perfect calibration")
-    ax.plot(predicted, observed, "o-", label="deciles")
     ax.set(xlabel="mean predicted CTR", ylabel="observed CTR", title="Calibration by decile")
     ax.legend(loc="upper left")
 
@@ -124,22 +164,29 @@ def main(argv: list[str] | None = None) -> None:
     schema = schema_from_args(args, parser)
     checkpoint = load_checkpoint(args.checkpoint)
     predictor = Predictor(checkpoint)
-    labels_parts, prob_parts = [], []
+    labels_parts, logit_parts = [], []
     for chunk in read_chunks(args.data, data_format(args), schema):
         labels_parts.append(chunk.labels.astype(np.float64))
-        prob_parts.append(predictor.predict_columns(chunk.columns, len(chunk)))
-    labels, probs = np.concatenate(labels_parts), np.concatenate(prob_parts)
+        logit_parts.append(predictor.predict_logits_columns(chunk.columns, len(chunk)))
+    labels, logits = np.concatenate(labels_parts), np.concatenate(logit_parts)
+    probs = checkpoint.calibration.probabilities(logits)
     result: dict[str, Any] = {"model_version": checkpoint.version, "rows": len(labels)}
+    result["calibrated_by"] = checkpoint.calibration.describe()
     result["model"] = metrics(labels, probs)
+    uncalibrated = None
+    if not checkpoint.calibration.identity:
+        uncalibrated = sigmoid(logits)
+        result["uncalibrated"] = metrics(labels, uncalibrated)
     result["calibration"] = [asdict(b) for b in calibration(labels, probs)]
     if len(args.data) == 1 and truth_path(args.data[0]).is_file():
         result["oracle"] = metrics(labels, read_truth(args.data[0]))
     print(f"model {checkpoint.version} on {len(labels)} rows")
-    for who in ("model", "oracle"):
+    for who in ("model", "uncalibrated", "oracle"):
         if who in result:
             m = result[who]
             print(
-                f"  {who:6}  AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
+                f"  {who:12}  AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  NE {m['ne']:.4f}  "
+                f"calibration {m['calibration_ratio']:.3f}  ECE {m['ece']:.4f}  "
                 f"mean predicted {m['mean_predicted']:.4f}  observed {m['observed_ctr']:.4f}"
             )
     print("  calibration (decile: rows, mean predicted, observed CTR)")
@@ -147,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"    {i:2}: {b['rows']:8}  {b['mean_predicted']:.4f}  {b['observed_ctr']:.4f}")
     if args.report:
         history = checkpoint.training.get("history", [])
-        write_report(args.report, labels, probs, history, title=checkpoint.version)
+        write_report(
+            args.report, labels, probs, history, checkpoint.version, uncalibrated=uncalibrated
+        )
         print(f"report written to {args.report}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Offline prediction: raw rows or columns -> click probabilities, with a checkpoint's model.
+"""Offline prediction: raw rows or columns -> click probabilities, with a checkpoint's model
+and its calibration (``model.calibration``).
 
 This is the reference the service is held to: a probability it serves equals,
 within 1e-6, what ``Predictor`` computes for the same row.
@@ -32,10 +33,6 @@ def predict_logits(
     return out
 
 
-def sigmoid(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
 class Predictor:
     """A checkpoint's feature encoding and model, in eval mode."""
 
@@ -43,13 +40,20 @@ class Predictor:
         self.checkpoint = checkpoint
         self.features = checkpoint.features
         self.model = checkpoint.build_model()
+        self.calibration = checkpoint.calibration
+
+    def predict_logits_columns(
+        self, columns: Mapping[str, npt.NDArray[Any]], num_rows: int
+    ) -> npt.NDArray[np.float32]:
+        """The model's logits (before the calibration) of columnar rows."""
+        ids, dense = self.features.encode(columns, num_rows)
+        return predict_logits(self.model, ids, dense)
 
     def predict_columns(
         self, columns: Mapping[str, npt.NDArray[Any]], num_rows: int
     ) -> npt.NDArray[np.float64]:
-        ids, dense = self.features.encode(columns, num_rows)
-        return sigmoid(predict_logits(self.model, ids, dense))
+        return self.calibration.probabilities(self.predict_logits_columns(columns, num_rows))
 
     def predict_rows(self, rows: Sequence[Mapping[str, Any]]) -> npt.NDArray[np.float64]:
         ids, dense = self.features.encode_rows(rows)
-        return sigmoid(predict_logits(self.model, ids, dense))
+        return self.calibration.probabilities(predict_logits(self.model, ids, dense))

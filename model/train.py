@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.calibration import METHODS, Calibration, Method
 from model.checkpoint import save_checkpoint
 from model.cli import add_data_arguments, data_format, names, schema_from_args
 from model.data import (
@@ -49,7 +50,7 @@ from model.deepfm import DeepFM, DeepFMConfig
 from model.evaluate import auc, logloss
 from model.features import SpecFitter, Transform
 from model.lazy_adam import LazyL2Adam
-from model.predict import EVAL_BATCH, predict_logits, sigmoid
+from model.predict import EVAL_BATCH, predict_logits
 
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 TABLES = "sparse_rows.weight"
@@ -57,7 +58,12 @@ ALL_THREADS = torch.get_num_threads()  # torch's default, before any run changes
 # Options added after checkpoints began recording their config, at the value that
 # means "off": left out of the record, so that a run without them records (and
 # hashes to) what it did before they existed.
-RECORDED_WHEN_ON = {"embedding_l2": 0.0, "lr_decay": 1.0}
+RECORDED_WHEN_ON: dict[str, Any] = {
+    "embedding_l2": 0.0,
+    "lr_decay": 1.0,
+    "negative_rate": 1.0,
+    "calibration": "none",
+}
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,11 @@ class TrainConfig:
     patience: int = 2
     seed: int = 0
     threads: int | None = None
+    # Negative down-sampling: keep each training negative with this probability (every
+    # positive is kept); served probabilities are corrected back (model.calibration).
+    negative_rate: float = 1.0
+    # A calibration map fitted on the validation rows after training (model.calibration).
+    calibration: Method = "none"
 
 
 # The lazy table-wide L2 with reduce-on-plateau (DESIGN §2): what benchmarks/train_vs_fuxictr
@@ -144,14 +155,29 @@ def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def score(model: DeepFM, data: EncodedData, start: int, stop: int) -> dict[str, float]:
-    """AUC and logloss of rows ``start..stop``, read in batches."""
+def logits_of(
+    model: DeepFM, data: EncodedData, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and labels of rows ``start..stop``, read in batches."""
     model.eval()
-    labels, probs = [], []
+    labels, logits = [], []
     for ids, dense, y in data.batches(start, stop, EVAL_BATCH):
         labels.append(y)
-        probs.append(sigmoid(predict_logits(model, ids, dense)))
-    y, p = np.concatenate(labels), np.concatenate(probs)
+        logits.append(predict_logits(model, ids, dense))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def score(
+    model: DeepFM,
+    data: EncodedData,
+    start: int,
+    stop: int,
+    calibration: Calibration | None = None,
+) -> dict[str, float]:
+    """AUC and logloss of rows ``start..stop`` with the probabilities ``calibration``
+    serves (default: sigmoid of the logits)."""
+    logits, y = logits_of(model, data, start, stop)
+    p = (calibration or Calibration()).probabilities(logits)
     return {"auc": auc(y, p), "logloss": logloss(y, p)}
 
 
@@ -203,8 +229,14 @@ def train(
         model.load_state_dict(best_state)
         metrics = {f"valid_{k}": v for k, v in best.items() if k in ("auc", "logloss")}
         metrics["best_epoch"] = best["epoch"]
+        calibration = Calibration(config.negative_rate)
+        if config.calibration != "none":
+            # Fitted on the validation rows (never down-sampled), after the correction.
+            logits, labels = logits_of(model, data, num_train, num_train + num_valid)
+            calibration = calibration.with_method(config.calibration, logits, labels)
+            metrics["valid_logloss_calibrated"] = logloss(labels, calibration.probabilities(logits))
         if num_test:
-            test = score(model, data, num_train + num_valid, num_rows)
+            test = score(model, data, num_train + num_valid, num_rows, calibration)
             metrics.update({f"test_{k}": v for k, v in test.items()})
 
     training = {
@@ -225,6 +257,7 @@ def train(
         created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
         metrics=metrics,
         training=training,
+        calibration=calibration,
     )
     return TrainResult(version, metrics, history, samples_per_s)
 
@@ -304,6 +337,7 @@ def _fit(
 ) -> tuple[list[dict[str, float]], dict[str, float], dict[str, torch.Tensor], float]:
     stepper = Stepper(model, config)
     rng = np.random.default_rng(config.seed)
+    correction = Calibration(config.negative_rate)  # (validation rows are all kept)
     history: list[dict[str, float]] = []
     best: dict[str, float] = {"auc": -1.0}
     best_state: dict[str, torch.Tensor] = {}
@@ -321,7 +355,10 @@ def _fit(
             disable=not progress,
             leave=False,
         )
-        for ids, dense, labels in data.batches(0, num_train, config.batch_size, rng=rng):
+        batches = data.batches(
+            0, num_train, config.batch_size, rng=rng, negative_rate=config.negative_rate
+        )
+        for ids, dense, labels in batches:
             loss_sum += stepper(ids, dense, labels) * len(labels)
             seen += len(labels)
             bar.update(len(labels))
@@ -332,7 +369,7 @@ def _fit(
         bar.close()
         seconds = time.perf_counter() - started
         total_samples, total_seconds = total_samples + seen, total_seconds + seconds
-        valid = score(model, data, num_train, num_train + num_valid)
+        valid = score(model, data, num_train, num_train + num_valid, correction)
         # No timings in the record: it goes into the checkpoint, whose bytes (and so its
         # version) must depend only on the data, the code and the seed.
         record = {
@@ -428,6 +465,19 @@ def main(argv: list[str] | None = None) -> None:
         default=d.patience,
         help="stop after this many epochs without a better valid AUC",
     )
+    parser.add_argument(
+        "--negative-rate",
+        type=float,
+        default=d.negative_rate,
+        help="keep each training negative with this probability (seeded; every positive is "
+        "kept); the checkpoint records it and serving corrects the probabilities back",
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=METHODS,
+        default=d.calibration,
+        help="fit a calibration map on the validation rows after training (default: none)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
@@ -467,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
         valid_fraction=args.valid_fraction,
         test_fraction=args.test_fraction,
         patience=args.patience,
+        negative_rate=args.negative_rate,
+        calibration=args.calibration,
         seed=args.seed,
         threads=args.threads,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,40 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, generated_tsv: Pat
         CRITEO_SCHEMA,
         out,
         TINY_TRAIN,
+        progress=False,
+        created_at="2026-01-01T00:00:00+00:00",
+    )
+    return load_checkpoint(out)
+
+
+# Negative down-sampling on a planted truth (tests/model/test_calibration.py and
+# tests/app/test_calibrated_serving.py): enough rows that the 10% of negatives kept
+# pin the mean to well under 2%.
+PLANTED_ROWS = 200_000
+PLANTED_HELD_OUT = 0.2  # the last 20%: held out; the 20% before them validate
+SAMPLED_TRAIN = replace(
+    TINY_TRAIN, negative_rate=0.1, valid_fraction=0.2, test_fraction=PLANTED_HELD_OUT
+)
+
+
+@pytest.fixture(scope="session")
+def planted_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200,000 generated rows at a 10% click rate, with their true probabilities."""
+    path = tmp_path_factory.mktemp("planted") / "data.tsv"
+    generate(path, PLANTED_ROWS, SyntheticConfig(seed=11, max_cardinality=300, base_ctr=0.1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sampled_checkpoint(tmp_path_factory: pytest.TempPathFactory, planted_tsv: Path) -> Checkpoint:
+    """A model trained on every positive and 10% of the negatives of ``planted_tsv``."""
+    out = tmp_path_factory.mktemp("sampled") / "model"
+    train(
+        [planted_tsv],
+        "criteo",
+        CRITEO_SCHEMA,
+        out,
+        SAMPLED_TRAIN,
         progress=False,
         created_at="2026-01-01T00:00:00+00:00",
     )
