@@ -16,16 +16,19 @@ for /rank). Sinks:
 - ``CTR_LOG_DIR``: JSON-lines files, ``predictions-<pid>.jsonl`` (one per process: a
   worker never shares a file), rotated by size (``CTR_LOG_MAX_BYTES``) into ``.1``,
   ``.2``, ... keeping ``CTR_LOG_BACKUPS`` of them;
-- ``CTR_LOG_STREAM``: a Redis stream (on ``CTR_REDIS_URL``), one entry per record under
-  the field ``record``, capped near ``CTR_LOG_STREAM_MAXLEN`` entries (``XADD MAXLEN ~``);
+- ``CTR_LOG_STREAM``: a Redis stream (on ``CTR_REDIS_URL``), one entry per batch of
+  records a writer took (a few milliseconds' worth) under the field ``records``, JSON
+  lines, capped near ``CTR_LOG_STREAM_MAXLEN`` entries (``XADD MAXLEN ~``);
   ``python -m app.predlog export --out FILE [--after ID]`` appends its records to a
   JSON-lines file ``model.join`` reads.
 
 Logging never blocks or fails a request. The endpoint hands the call to a bounded
-buffer per sink (``CTR_LOG_QUEUE_ROWS`` rows) and returns; a thread per sink encodes
-and writes. A full buffer, or a sink that fails (a full or read-only disk, Redis
-down), drops records, counted in ``ctr_prediction_log_dropped_total{sink,reason}``;
-the sink is tried again after a pause.
+buffer per sink (``CTR_LOG_QUEUE_ROWS`` rows) and returns; a thread per sink wakes every
+``FLUSH_S`` (not per call: a wake-up per call contends for the GIL with the event loop
+at every request), encodes what is queued and writes it in one go. A full buffer, or
+a sink that fails (a full or read-only disk, Redis down), drops records, counted in
+``ctr_prediction_log_dropped_total{sink,reason}``; the sink is tried again after a
+pause.
 """
 
 from __future__ import annotations
@@ -56,11 +59,12 @@ log = logging.getLogger(__name__)
 Row = Mapping[str, Any]
 RETRY_S = 1.0  # how long a failed sink rests before it is tried again
 STREAM_TIMEOUT_S = 2.0  # a stream write's socket time-out (the writer thread's, not a call's)
-STREAM_FIELD = "record"
+STREAM_FIELD = "records"  # an entry's records, JSON lines
+FLUSH_S = 0.05  # a writer wakes this often (or when its buffer is half full), not per call
 EXPORT_PAGE = 10_000  # stream entries read at a time by an export
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Served:
     """One call's rows and answers, as an endpoint hands them over."""
 
@@ -71,29 +75,32 @@ class Served:
     rows: Sequence[Row]
     probabilities: npt.NDArray[np.float64]
     context: Row | None = None  # /rank: merged into every row
+    _records: list[bytes] | None = None
 
     def records(self) -> list[bytes]:
-        """One JSON line (no newline) per row."""
-        head = {
-            "request_id": self.request_id,
-            "time": self.time,
-            "model_version": self.model_version,
-            "endpoint": self.endpoint,
-        }
-        context = self.context
-        return [
-            orjson.dumps(
-                {
-                    **head,
-                    "row": i,
-                    "features": row if context is None else {**context, **row},
-                    "probability": probability,
-                }
-            )
-            for i, (row, probability) in enumerate(
-                zip(self.rows, self.probabilities.tolist(), strict=True)
-            )
-        ]
+        """One JSON line (no newline) per row, encoded once for every sink."""
+        if self._records is None:
+            head = {
+                "request_id": self.request_id,
+                "time": self.time,
+                "model_version": self.model_version,
+                "endpoint": self.endpoint,
+            }
+            context = self.context
+            self._records = [
+                orjson.dumps(
+                    {
+                        **head,
+                        "row": i,
+                        "features": row if context is None else {**context, **row},
+                        "probability": probability,
+                    }
+                )
+                for i, (row, probability) in enumerate(
+                    zip(self.rows, self.probabilities.tolist(), strict=True)
+                )
+            ]
+        return self._records
 
 
 class Sink(Protocol):
@@ -154,7 +161,8 @@ class FileSink:
 
 
 class StreamSink:
-    """A Redis stream, capped near ``maxlen`` entries, one entry per record."""
+    """A Redis stream, capped near ``maxlen`` entries, one entry per write (its records
+    as JSON lines): one command per batch, not per record."""
 
     name = "redis"
 
@@ -164,10 +172,9 @@ class StreamSink:
         self._maxlen = maxlen
 
     def write(self, records: list[bytes]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for record in records:
-            pipe.xadd(self._key, {STREAM_FIELD: record}, maxlen=self._maxlen, approximate=True)
-        pipe.execute()
+        self._client.xadd(
+            self._key, {STREAM_FIELD: b"\n".join(records)}, maxlen=self._maxlen, approximate=True
+        )
 
     def close(self) -> None:
         close_sync(self._client)
@@ -190,15 +197,18 @@ class _Buffer:
                 return False
             self._calls.append(served)
             self._rows += len(served.rows)
-            self._ready.notify()
+            if self._rows * 2 > self._capacity:  # else the writer's next wake-up takes it
+                self._ready.notify()
             return True
 
     def take(self) -> list[Served] | None:
-        """Every queued call (waiting for one); None once closed and empty."""
+        """Every queued call, after a pause of ``FLUSH_S`` (cut short when the buffer is
+        half full or closing); None once closed and empty."""
         with self._ready:
-            self._ready.wait_for(lambda: self._calls or self._closed)
+            if not self._closed:
+                self._ready.wait(FLUSH_S)
             if not self._calls:
-                return None
+                return None if self._closed else []
             calls = list(self._calls)
             self._calls.clear()
             self._rows = 0
@@ -254,6 +264,8 @@ class PredictionLog:
         written = self._written[sink.name]
         resting_until = 0.0
         while (calls := buffer.take()) is not None:
+            if not calls:
+                continue
             count = sum(len(c.rows) for c in calls)
             if time.monotonic() < resting_until:  # the sink failed a moment ago
                 self._dropped.labels(sink.name, "sink_error").inc(count)
@@ -297,17 +309,18 @@ def open_prediction_log(settings: Settings, metrics: Metrics) -> PredictionLog:
 
 
 def export_stream(client: Any, key: str, out: Path, after: str | None = None) -> tuple[int, str]:
-    """Append the stream's records after id ``after`` (all, when None) to the JSON-lines
-    file ``out``, which ``model.join`` reads; return how many, and the last id (the
-    ``after`` of the next export)."""
+    """Append the stream's records after entry id ``after`` (all, when None) to the
+    JSON-lines file ``out``, which ``model.join`` reads; return how many records, and
+    the last entry id (the ``after`` of the next export)."""
     count, last = 0, after or ""
     start = f"({after}" if after else "-"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("ab") as f:
         while entries := client.xrange(key, min=start, count=EXPORT_PAGE):
             for _, fields in entries:
-                f.write(fields[STREAM_FIELD.encode()] + b"\n")
-            count += len(entries)
+                records = fields[STREAM_FIELD.encode()]
+                f.write(records + b"\n")
+                count += records.count(b"\n") + 1
             last = entries[-1][0].decode()
             start = f"({last}"
     return count, last

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
+import time
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,6 +31,24 @@ from tests.redis_servers import RedisServer
 
 CONNECTIONS = 64
 TARGET = 0.95
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children (the workers), threads
+    included."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def logged_records(url: str) -> dict[str, float]:
@@ -75,7 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         before = {name: logged_records(s.url) for name, s in replicas.items()}
         for _ in range(args.repeats):
             for name, s in replicas.items():
-                runs[name].append(wrk(s.url, "/predict", bodies, CONNECTIONS, args.duration))
+                cpu = cpu_seconds(s.pid)
+                run = wrk(s.url, "/predict", bodies, CONNECTIONS, args.duration)
+                time.sleep(0.2)  # (the writers' last flush)
+                run["cpu_us_per_request"] = (
+                    (cpu_seconds(s.pid) - cpu) / (run["rps"] * args.duration) * 1e6
+                )
+                runs[name].append(run)
                 print(f"{name:10} {runs[name][-1]}")
         after = {name: logged_records(s.url) for name, s in replicas.items()}
         files = sum(p.stat().st_size for p in (work / "file").rglob("*") if p.is_file())
@@ -89,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in replicas
     }
     base = medians["off"]["rps"]
+    base_cpu = medians["off"]["cpu_us_per_request"]
     ratios = {name: m["rps"] / base for name, m in medians.items() if name != "off"}
     targets = {
         f"rps_ratio_{name.replace('+', '_and_')}_to_off": report.target(
@@ -114,13 +141,17 @@ def main(argv: list[str] | None = None) -> None:
         "to files, to a Redis stream, to both. wrk, one thread, "
         f"{CONNECTIONS} connections, /predict bodies from the bundled Criteo sample; medians "
         f"of {args.repeats} runs of {args.duration} s, alternating. Same 2-core machine for "
-        "wrk, Redis and the replicas.",
+        "wrk, Redis and the replicas. CPU per request: the replica's processes' CPU time "
+        "(all threads, user + system) over the requests of the run; the Redis server's "
+        "is not in it.",
         "",
-        "| log | req/s | ratio to off | p50 ms | p99 ms | errors | records written | dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| log | req/s | ratio to off | p50 ms | p99 ms | errors | CPU µs per request | "
+        "CPU over off | records written | dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {name} | {m['rps']:,.0f} | {m['rps'] / base:.3f} | {m['p50_ms']:.1f} | "
-            f"{m['p99_ms']:.1f} | {m['errors']:.0f} | {records[name]['written']:,.0f} | "
+            f"{m['p99_ms']:.1f} | {m['errors']:.0f} | {m['cpu_us_per_request']:.0f} | "
+            f"{m['cpu_us_per_request'] / base_cpu:.3f} | {records[name]['written']:,.0f} | "
             f"{records[name]['dropped']:,.0f} |"
             for name, m in medians.items()
         ),
