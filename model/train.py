@@ -10,6 +10,10 @@ Rows are split in file order: the first rows train, the next ``--valid-fraction`
 validate (early stopping on AUC) and the last ``--test-fraction`` are held out
 and scored once with the best weights.
 
+``--init-from CHECKPOINT`` trains on from a checkpoint (``model.warmstart``): its
+vocabularies kept and extended with the new data's values, its architecture, dense
+statistics and weights; the new checkpoint records its parent's version.
+
 By default the embedding tables carry an L2 term over every row
 (``--embedding-l2``), optimised by Adam lazily (``model.lazy_adam``): a step
 costs the batch's rows, not the whole table. The learning rate is multiplied by
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import tempfile
 import time
@@ -35,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model.calibration import METHODS, Calibration, Method
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.cli import add_data_arguments, data_format, names, schema_from_args
 from model.data import (
     EncodedData,
@@ -51,6 +56,7 @@ from model.evaluate import auc, logloss
 from model.features import SpecFitter, Transform
 from model.lazy_adam import LazyL2Adam
 from model.predict import EVAL_BATCH, predict_logits
+from model.warmstart import extend_model, extend_spec
 
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 TABLES = "sparse_rows.weight"
@@ -191,8 +197,13 @@ def train(
     created_at: str | None = None,
     workdir: Path | None = None,
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> TrainResult:
-    """Train on ``paths`` and write the best model's checkpoint to ``out``."""
+    """Train on ``paths`` and write the best model's checkpoint to ``out``.
+
+    ``init_from``: a checkpoint to start from (``model.warmstart``): its vocabularies,
+    extended with the new data's values, its transforms, architecture and weights; the
+    new checkpoint records it as its parent."""
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
     # Always set: float sums depend on the thread count, and an earlier run in the same
@@ -205,24 +216,46 @@ def train(
     if num_train < 1 or num_valid < 1:
         raise ValueError(f"{num_rows} rows leave no training or validation rows")
 
-    fitter = SpecFitter(transforms_for(schema, config), config.min_count, config.max_vocab)
+    parent = load_checkpoint(init_from) if init_from is not None else None
+    if parent is not None:
+        config = dataclasses.replace(
+            config,
+            embed_dim=parent.config.embed_dim,
+            hidden_units=parent.config.hidden_units,
+            dropout=parent.config.dropout,
+        )
+        parent_spec = parent.read_features()
+        transforms = {f.name: f.transform for f in parent_spec.fields}
+        if set(transforms) != set(schema.features):
+            raise ValueError(
+                f"the data's columns {sorted(schema.features)} are not the fields of "
+                f"{init_from} {sorted(transforms)}"
+            )
+    else:
+        transforms = transforms_for(schema, config)
+    fitter = SpecFitter(transforms, config.min_count, config.max_vocab)
     for chunk in take_rows(read_chunks(paths, fmt, schema), 0, num_train):
         fitter.update(chunk.columns)
     features = fitter.finish()
+    if parent is not None:
+        features = extend_spec(parent_spec, features)
 
     with tempfile.TemporaryDirectory(prefix="ctr-train-", dir=workdir) as tmp:
         data = encode_to_disk(read_chunks(paths, fmt, schema), features, Path(tmp))
         if data.num_rows != num_rows:
             raise ValueError(f"counted {num_rows} rows but read {data.num_rows}")
-        model = DeepFM(
-            DeepFMConfig(
-                vocab_sizes=features.vocab_sizes,
-                num_dense=len(features.dense_fields),
-                embed_dim=config.embed_dim,
-                hidden_units=config.hidden_units,
-                dropout=config.dropout,
+        if parent is not None:
+            model = extend_model(parent.build_model(), parent_spec, features)
+        else:
+            model = DeepFM(
+                DeepFMConfig(
+                    vocab_sizes=features.vocab_sizes,
+                    num_dense=len(features.dense_fields),
+                    embed_dim=config.embed_dim,
+                    hidden_units=config.hidden_units,
+                    dropout=config.dropout,
+                )
             )
-        )
         history, best, best_state, samples_per_s = _fit(
             model, data, num_train, num_valid, config, progress
         )
@@ -250,6 +283,11 @@ def train(
         "config": recorded_config(config),
         "history": history,
     }
+    if parent is not None:
+        training["parent"] = {
+            "version": parent.version,
+            "new_values": sum(features.vocab_sizes) - sum(parent.config.vocab_sizes),
+        }
     version = save_checkpoint(
         out,
         model,
@@ -410,13 +448,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    parser.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    parser.add_argument("--embed-dim", type=int, default=None, help=f"default: {d.embed_dim}")
     parser.add_argument(
         "--hidden-units",
-        default=",".join(map(str, d.hidden_units)),
-        help="comma-separated widths of the DNN's hidden layers",
+        default=None,
+        help="comma-separated widths of the DNN's hidden layers (default: "
+        f"{','.join(map(str, d.hidden_units))})",
     )
-    parser.add_argument("--dropout", type=float, default=d.dropout)
+    parser.add_argument("--dropout", type=float, default=None, help=f"default: {d.dropout}")
     parser.add_argument(
         "--l2-embedding",
         type=float,
@@ -450,7 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="keep at most this many values per field, most frequent first",
     )
-    parser.add_argument("--dense-transform", choices=("log", "standard"), default=d.dense_transform)
+    parser.add_argument(
+        "--dense-transform",
+        choices=("log", "standard"),
+        default=None,
+        help=f"default: {d.dense_transform}",
+    )
     parser.add_argument(
         "--bucketize",
         default="",
@@ -491,18 +535,46 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="where the encoded rows are written while training",
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this checkpoint (incremental training): its vocabularies, extended "
+        "with the new data's values, its architecture, transforms and weights",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     schema = schema_from_args(args, parser)
+    if args.init_from is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--embed-dim", args.embed_dim),
+                ("--hidden-units", args.hidden_units),
+                ("--dropout", args.dropout),
+                ("--dense-transform", args.dense_transform),
+                ("--bucketize", args.bucketize or None),
+            )
+            if value is not None
+        ]
+        if given:
+            parser.error(
+                "--init-from keeps the checkpoint's architecture and transforms: "
+                f"drop {', '.join(given)}"
+            )
     bucketize = schema.dense if args.bucketize == "all" else names(args.bucketize)
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         optimizer=args.optimizer,
-        embed_dim=args.embed_dim,
-        hidden_units=tuple(int(h) for h in names(args.hidden_units)),
-        dropout=args.dropout,
+        embed_dim=d.embed_dim if args.embed_dim is None else args.embed_dim,
+        hidden_units=(
+            d.hidden_units
+            if args.hidden_units is None
+            else tuple(int(h) for h in names(args.hidden_units))
+        ),
+        dropout=d.dropout if args.dropout is None else args.dropout,
         l2_embedding=args.l2_embedding,
         embedding_l2=(
             args.embedding_l2
@@ -512,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         lr_decay=args.lr_decay,
         min_count=args.min_count,
         max_vocab=args.max_vocab,
-        dense_transform=args.dense_transform,
+        dense_transform=args.dense_transform or d.dense_transform,
         bucketize=bucketize,
         valid_fraction=args.valid_fraction,
         test_fraction=args.test_fraction,
@@ -532,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         created_at=args.created_at,
         workdir=args.workdir,
         progress=not args.quiet,
+        init_from=args.init_from,
     )
     print(f"wrote {args.out} ({result.version}) in {time.perf_counter() - started:.1f} s")
     for key, value in result.metrics.items():
