@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-serve-profile bench-workers-memory bench-big-calls bench-rank bench-redis bench-soak
+.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-serve-profile bench-workers-memory bench-big-calls bench-rank bench-redis bench-predlog bench-freshness-quality bench-soak
 
 serve:
 	scripts/serve
@@ -48,6 +48,12 @@ bench-rank:
 
 bench-redis:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.redis_tier
+
+bench-predlog:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.predlog
+
+bench-freshness-quality:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.freshness_quality
 
 bench-soak:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.soak

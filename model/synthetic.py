@@ -22,6 +22,10 @@ same bytes as before they existed):
 - ``three_way_std > 0``: a three-way term ``sum_{f<g<h} sum_r t_fr t_gr t_hr``
   over factors ``t_f[x_f]`` of its own, scaled to that std.
 
+A third option, ``day`` (0 by default), makes the world drift as real traffic
+does: day d replaces a share of each field's values with new ones and moves the
+effects of the rest (``SyntheticConfig``), for incremental training's benchmarks.
+
 and its label is a Bernoulli draw of sigmoid(logit). The bias is solved so the
 mean click rate is ``base_ctr``. The generator writes the labels and features in
 the raw Criteo TSV format and, beside them (``<file>.truth``), the true click
@@ -67,6 +71,13 @@ class SyntheticConfig:
     field_concentration: float = 0.5  # Dirichlet alpha of the fields' shares of the signal
     field_aware: bool = False  # pairwise through a matrix per pair of fields
     three_way_std: float = 0.0  # std of the three-way term (0: none)
+    # A later day of the same world (0: the first). Day d redraws, per field, the values
+    # of a share ``new_values`` of the ranks (new ads, users, queries, with effects of
+    # their own) and moves every other value's effect: e' = sqrt(1 - drift^2) e + drift z.
+    # Its rows are new draws too.
+    day: int = 0
+    drift: float = 0.3
+    new_values: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0.03 <= self.base_ctr <= 0.25:
@@ -75,6 +86,12 @@ class SyntheticConfig:
             raise ValueError("need 1 < min_cardinality <= max_cardinality")
         if self.three_way_std < 0:
             raise ValueError("three_way_std must be >= 0")
+        if self.day < 0 or not 0 <= self.drift <= 1 or not 0 <= self.new_values <= 1:
+            raise ValueError("need day >= 0, 0 <= drift <= 1 and 0 <= new_values <= 1")
+
+    def rows_seed(self, chunk: int) -> list[int]:
+        """The seed of a chunk of rows (day 0's as before days existed)."""
+        return [self.seed, 1, chunk] if self.day == 0 else [self.seed, 1, chunk, self.day]
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,8 @@ class GroundTruth:
         self.w = rng.normal(0.0, 0.6, (num_dense, hidden))
         self.c = rng.normal(0.0, 1.0, hidden)
         self.v = rng.normal(0.0, 1.0, hidden)
+        for day in range(1, config.day + 1):  # each day from the one before
+            self._next_day(np.random.default_rng([config.seed, 4, day]))
         # The options draw from a stream of their own: the draws above stay as they were.
         extra = np.random.default_rng([config.seed, 3])
         rank = config.interaction_rank
@@ -160,6 +179,32 @@ class GroundTruth:
         self.scale = np.array(targets) / np.maximum(terms.std(axis=0), 1e-9)
         logits = self._terms(np.random.default_rng([config.seed, 2]), 50_000)[0].sum(axis=1)
         self.bias = _solve_bias(logits, config.base_ctr)
+
+    def _next_day(self, rng: np.random.Generator) -> None:
+        """The world a day later (see ``SyntheticConfig.day``)."""
+        keep = math.sqrt(1 - self.config.drift**2)
+        for j, s in enumerate(self.sparse):
+            card = len(s.values)
+            scale = float(s.effect.std()) or 1.0
+            effect = keep * s.effect + self.config.drift * rng.normal(0.0, scale, card + 1)
+            factors = s.factors.copy()
+            values = s.values.copy()
+            fresh = rng.random(card) < self.config.new_values
+            count = int(fresh.sum())
+            if count:
+                taken = {int(v, 16) for v in values.tolist()}
+                codes: list[int] = []
+                while len(codes) < count:
+                    code = int(rng.integers(1 << 32))
+                    if code not in taken:
+                        taken.add(code)
+                        codes.append(code)
+                values[fresh] = [f"{c:08x}" for c in codes]
+                effect[:card][fresh] = rng.normal(0.0, scale, count)
+                factors[:card][fresh] = rng.normal(
+                    0.0, float(s.factors.std()), (count, factors.shape[1])
+                )
+            self.sparse[j] = _SparseTruth(values, s.cdf, s.missing_rate, effect, factors)
 
     @staticmethod
     def _draw_dense(rng: np.random.Generator, d: _DenseTruth, n: int) -> FloatArray:
@@ -241,7 +286,7 @@ class GroundTruth:
         """The raw dense values and value indices of the rows ``generate`` writes."""
         parts = [
             self._draw(
-                np.random.default_rng([self.config.seed, 1, i]), min(CHUNK_ROWS, rows - start)
+                np.random.default_rng(self.config.rows_seed(i)), min(CHUNK_ROWS, rows - start)
             )
             for i, start in enumerate(range(0, rows, CHUNK_ROWS))
         ]
@@ -286,7 +331,7 @@ def generate(path: Path, rows: int, config: SyntheticConfig) -> Path:
     with path.open("wb") as data_f, truth_path(path).open("w") as truth_f:
         for i, start in enumerate(range(0, rows, CHUNK_ROWS)):
             n = min(CHUNK_ROWS, rows - start)
-            labels, proba, columns = truth.sample(np.random.default_rng([config.seed, 1, i]), n)
+            labels, proba, columns = truth.sample(np.random.default_rng(config.rows_seed(i)), n)
             arrays = [pa.array(labels)]
             for name in CRITEO_DENSE:
                 x = columns[name]
@@ -326,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     parser.add_argument("--field-aware", action="store_true", help="a matrix per field pair")
     parser.add_argument("--three-way-std", type=float, default=defaults.three_way_std)
+    parser.add_argument(
+        "--day", type=int, default=0, help="a later day of the same world (drifted truth)"
+    )
+    parser.add_argument("--drift", type=float, default=defaults.drift)
+    parser.add_argument("--new-values", type=float, default=defaults.new_values)
     args = parser.parse_args(argv)
     config = SyntheticConfig(**{k: v for k, v in vars(args).items() if k not in ("rows", "out")})
     written = generate(args.out, args.rows, config)

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,28 @@ def test_field_aware_and_three_way_options_add_their_terms(tmp_path: Path) -> No
     np.testing.assert_allclose(terms.std(axis=0)[3], 0.3, rtol=0.2)  # scaled to its std
     with pytest.raises(ValueError, match="three_way_std"):
         SyntheticConfig(three_way_std=-1.0)
+
+
+def test_a_later_day_keeps_most_values_and_moves_the_truth(tmp_path: Path) -> None:
+    base = SyntheticConfig(seed=5, max_cardinality=200)
+    day0, day1 = GroundTruth(base), GroundTruth(replace(base, day=1))
+    assert (
+        GroundTruth(replace(base, day=0)).sparse[0].values.tolist()
+        == day0.sparse[0].values.tolist()
+    )
+    kept, new = 0, 0
+    for s0, s1 in zip(day0.sparse, day1.sparse, strict=True):
+        same = s0.values == s1.values
+        kept, new = kept + int(same.sum()), new + int((~same).sum())
+        assert len(set(s1.values.tolist())) == len(s1.values)  # new values are new
+        # A kept value's effect moved, but stays correlated with what it was.
+        if same.sum() > 20:
+            assert 0.5 < np.corrcoef(s0.effect[:-1][same], s1.effect[:-1][same])[0, 1] < 0.999
+    assert 0.7 < kept / (kept + new) < 0.9  # about 20% new values
+    generate(tmp_path / "d0.tsv", 2000, base)
+    generate(tmp_path / "d1.tsv", 2000, replace(base, day=1))
+    assert (tmp_path / "d0.tsv").read_bytes() != (tmp_path / "d1.tsv").read_bytes()
+    labels = np.concatenate(
+        [c.labels for c in read_chunks([tmp_path / "d1.tsv"], "criteo", CRITEO_SCHEMA)]
+    )
+    assert abs(labels.mean() - base.base_ctr) < 0.03
