@@ -78,21 +78,52 @@ def _floats(chunk: bytes, name: Any) -> list[float]:
 
 
 def _strings(chunk: bytes, name: Any) -> list[str]:
-    out: list[str] = []
+    """The elements of a BYTES chunk. All of one length and ASCII (ids, hashes): split
+    with no Python step per element. Else one pass over the length prefixes, then every
+    element sliced out of the chunk decoded once (when it is ASCII)."""
+    same = _same_length_ascii(chunk)
+    if same is not None:
+        return same
+    size, unpack = len(chunk), _LENGTH.unpack_from
+    bounds: list[tuple[int, int]] = []
     offset = 0
-    while offset < len(chunk):
-        if offset + 4 > len(chunk):
+    while offset < size:
+        if offset + 4 > size:
             raise BinaryDataError(f"input {name!r}: a BYTES element's length is cut off")
-        (length,) = _LENGTH.unpack_from(chunk, offset)
+        (length,) = unpack(chunk, offset)
         offset += 4
-        if offset + length > len(chunk):
-            raise BinaryDataError(f"input {name!r}: a BYTES element is cut off")
-        try:
-            out.append(chunk[offset : offset + length].decode())
-        except UnicodeDecodeError:
-            raise BinaryDataError(f"input {name!r}: a BYTES element is not UTF-8") from None
+        bounds.append((offset, offset + length))
         offset += length
-    return out
+    if offset > size:
+        raise BinaryDataError(f"input {name!r}: a BYTES element is cut off")
+    if chunk.isascii():
+        text = chunk.decode("ascii")
+        return [text[start:stop] for start, stop in bounds]
+    try:
+        return [chunk[start:stop].decode() for start, stop in bounds]
+    except UnicodeDecodeError:
+        raise BinaryDataError(f"input {name!r}: a BYTES element is not UTF-8") from None
+
+
+def _same_length_ascii(chunk: bytes) -> list[str] | None:
+    """The elements of a BYTES chunk whose elements are ASCII and all of one length (ids,
+    hashes: the common case), split without a Python step per element; else None."""
+    if len(chunk) < 4:
+        return None
+    (length,) = _LENGTH.unpack_from(chunk, 0)
+    stride = 4 + length
+    if len(chunk) % stride:
+        return None
+    table = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, stride)
+    if not (np.frombuffer(table[:, :4].tobytes(), dtype="<u4") == length).all():
+        return None
+    payload = table[:, 4:].tobytes()
+    if not payload.isascii():
+        return None
+    if length == 0:
+        return [""] * len(table)
+    text = payload.decode("ascii")
+    return [text[i : i + length] for i in range(0, len(text), length)]
 
 
 def wants_binary(body: dict[str, Any]) -> bool:
