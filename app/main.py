@@ -118,8 +118,12 @@ def create_app(
     async def unexpected(request: Request, exc: Exception) -> Response:
         # A bug, never a client error: log it once, answer without internals.
         metrics.errors.labels("internal").inc()
-        log.error("unexpected error on %s", request.url.path, exc_info=exc)
-        return error_response(ServiceError("internal error"), request.url.path)
+        rid = getattr(request.state, "request_id", None)
+        log.error("unexpected error on %s (request %s)", request.url.path, rid, exc_info=exc)
+        response = error_response(ServiceError("internal error"), request.url.path)
+        if rid is not None:  # (this handler answers outside every middleware)
+            response.headers["x-request-id"] = rid
+        return response
 
     routes = [*router.routes, *v2.routes, *served]
     endpoints = frozenset(route.path for route in routes)  # type: ignore[attr-defined]

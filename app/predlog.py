@@ -16,9 +16,9 @@ for /rank). Sinks:
 - ``CTR_LOG_DIR``: JSON-lines files, ``predictions-<pid>.jsonl`` (one per process: a
   worker never shares a file), rotated by size (``CTR_LOG_MAX_BYTES``) into ``.1``,
   ``.2``, ... keeping ``CTR_LOG_BACKUPS`` of them;
-- ``CTR_LOG_STREAM``: a Redis stream (on ``CTR_REDIS_URL``), one entry per batch of
-  records a writer took (a few milliseconds' worth) under the field ``records``, JSON
-  lines, capped near ``CTR_LOG_STREAM_MAXLEN`` entries (``XADD MAXLEN ~``);
+- ``CTR_LOG_STREAM``: a Redis stream (on ``CTR_REDIS_URL``), entries of up to 100
+  records under the field ``records`` (JSON lines), holding at most about
+  ``CTR_LOG_STREAM_MAXLEN`` records (``StreamSink``);
   ``python -m app.predlog export --out FILE [--after ID]`` appends its records to a
   JSON-lines file ``model.join`` reads.
 
@@ -60,6 +60,7 @@ Row = Mapping[str, Any]
 RETRY_S = 1.0  # how long a failed sink rests before it is tried again
 STREAM_TIMEOUT_S = 2.0  # a stream write's socket time-out (the writer thread's, not a call's)
 STREAM_FIELD = "records"  # an entry's records, JSON lines
+ENTRY_RECORDS = 100  # most records in one stream entry
 FLUSH_S = 0.05  # a writer wakes this often (or when its buffer is half full), not per call
 EXPORT_PAGE = 10_000  # stream entries read at a time by an export
 
@@ -124,19 +125,40 @@ class FileSink:
         self._file: IO[bytes] | None = None
 
     def write(self, records: list[bytes]) -> None:
+        """Append whole lines: a write that fails midway (a full disk) is cut back to
+        where it began, so no record is left half written and none glued to the next."""
         data = b"".join(record + b"\n" for record in records)
         try:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.path.open("ab")
-            if self._file.tell() and self._file.tell() + len(data) > self._max_bytes:
+                self._file = self._open()
+            size = os.fstat(self._file.fileno()).st_size
+            if size and size + len(data) > self._max_bytes:
                 self._rotate()
+                size = 0
             assert self._file is not None
-            self._file.write(data)
-            self._file.flush()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[self._file.write(view) or 0 :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._file.fileno(), size)
+                raise
         except OSError:
             self.close()  # (opened again on the next write)
             raise
+
+    def _open(self) -> IO[bytes]:
+        """The log file, unbuffered, appending; a last line left unfinished (a process
+        killed mid-write, a failed cut) is ended first, so the next record stands alone."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = self.path.open("a+b", buffering=0)
+        size = os.fstat(file.fileno()).st_size
+        if size:
+            file.seek(size - 1)
+            if file.read(1) != b"\n":
+                file.write(b"\n")
+        return file
 
     def _rotate(self) -> None:
         """predictions.jsonl -> .1 -> .2 ... (the oldest past ``backups`` removed)."""
@@ -150,7 +172,7 @@ class FileSink:
                 newer.rename(older)
         if self._backups == 0:
             self.path.unlink(missing_ok=True)
-        self._file = self.path.open("ab")
+        self._file = self._open()
 
     def close(self) -> None:
         if self._file is not None:
@@ -161,20 +183,25 @@ class FileSink:
 
 
 class StreamSink:
-    """A Redis stream, capped near ``maxlen`` entries, one entry per write (its records
-    as JSON lines): one command per batch, not per record."""
+    """A Redis stream of at most about ``maxlen`` records: entries of up to
+    ``ENTRY_RECORDS`` records each (JSON lines), so a write is a command per hundred
+    records, not per record, and the stream is trimmed (``MAXLEN ~``) to
+    ``maxlen / ENTRY_RECORDS`` entries. At low traffic, when an entry holds fewer
+    records, the stream keeps fewer; it never holds many more."""
 
     name = "redis"
 
     def __init__(self, client: Any, key: str, maxlen: int) -> None:
         self._client = client
         self._key = key
-        self._maxlen = maxlen
+        self._entries = max(1, maxlen // ENTRY_RECORDS)
 
     def write(self, records: list[bytes]) -> None:
-        self._client.xadd(
-            self._key, {STREAM_FIELD: b"\n".join(records)}, maxlen=self._maxlen, approximate=True
-        )
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(records), ENTRY_RECORDS):
+            entry = b"\n".join(records[start : start + ENTRY_RECORDS])
+            pipe.xadd(self._key, {STREAM_FIELD: entry}, maxlen=self._entries, approximate=True)
+        pipe.execute()
 
     def close(self) -> None:
         close_sync(self._client)

@@ -348,7 +348,9 @@ class Runtime:
         self._closing = True
         async with self._reload_lock:  # a reload under way finishes (or refuses) first
             pass
-        await self._batcher.close()
-        await self.model.store.aclose()
-        await asyncio.to_thread(self.prediction_log.close)
+        try:
+            await self._batcher.close()
+            await self.model.store.aclose()
+        finally:
+            await asyncio.to_thread(self.prediction_log.close)
         gc.unfreeze()  # what start froze may be garbage now (a test's app, a replaced model)

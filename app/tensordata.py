@@ -29,7 +29,7 @@ class BinaryDataError(ProtocolError):
 
 def split(raw: bytes, header: str) -> tuple[bytes, bytes]:
     """The JSON header and the binary data of a request, by the header's length."""
-    if not header.isdigit():
+    if not (header.isascii() and header.isdigit() and len(header) <= 18):
         raise BinaryDataError(f"{HEADER} must be a byte count, not {header!r}")
     length = int(header)
     if length > len(raw):

@@ -9,9 +9,10 @@ Lessons from Predicting Clicks on Ads at Facebook") correct its probability ``p`
 
 A calibration map then makes ``q`` mean what it says on held-out rows:
 
-- ``isotonic``: a non-decreasing step function fitted by pool-adjacent-violators
-  (scikit-learn's ``IsotonicRegression``), kept as its breakpoints and applied by
-  linear interpolation between them, constant beyond the ends;
+- ``isotonic``: pool-adjacent-violators (scikit-learn's ``IsotonicRegression``) made
+  centred: each flat block's value at the block's middle, linear interpolation
+  between middles, constant beyond the ends; strictly increasing inside, so it never
+  ties rows the model orders;
 - ``platt``: ``sigmoid(a * logit(q) + b)``, a logistic regression on the logit.
 
 Both are stored in the checkpoint's spec.json as numbers (never pickle), so they are
@@ -100,8 +101,7 @@ class Calibration:
             from sklearn.isotonic import IsotonicRegression
 
             fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(q, y)
-            xs = np.asarray(fitted.X_thresholds_, dtype=np.float64)
-            ys = np.asarray(fitted.y_thresholds_, dtype=np.float64)
+            xs, ys = _centred(fitted.X_thresholds_, fitted.y_thresholds_)
             return Calibration(self.negative_rate, method, tuple(xs.tolist()), tuple(ys.tolist()))
         if method == "platt":
             from sklearn.linear_model import LogisticRegression
@@ -140,3 +140,14 @@ class Calibration:
             a=float(data.get("a", 1.0)),
             b=float(data.get("b", 0.0)),
         )
+
+
+def _centred(xs: npt.NDArray[Any], ys: npt.NDArray[Any]) -> tuple[FloatArray, FloatArray]:
+    """Pool-adjacent-violators' step function as centred isotonic regression (Oron and
+    Flournoy 2017): each flat block's value at the block's middle, linear between
+    middles. It is strictly increasing between the first and last middles, so rows the
+    model orders keep their order (a ranking's top_k), instead of tying in a block."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    starts = np.flatnonzero(np.concatenate(([True], y[1:] != y[:-1])))
+    ends = np.concatenate((starts[1:], [len(y)])) - 1
+    return (x[starts] + x[ends]) / 2, y[starts]

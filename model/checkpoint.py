@@ -67,6 +67,10 @@ from model.tensorfile import Entry, header, views
 from model.vocabindex import IndexFileError, VocabIndex
 
 FORMAT_VERSION = 1
+# A checkpoint carrying a calibration is format 2: a loader that predates calibrations
+# (format 1 only) refuses it instead of serving uncorrected probabilities.
+CALIBRATED_FORMAT_VERSION = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, CALIBRATED_FORMAT_VERSION)
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 VOCAB_DIR = "vocab"
@@ -244,6 +248,7 @@ def save_checkpoint(
         }
         if calibration is not None and not calibration.identity:
             spec["calibration"] = calibration.to_json()
+            spec["format_version"] = CALIBRATED_FORMAT_VERSION
         spec["version"] = compute_version(tmp / WEIGHTS_FILE, spec)
         (tmp / SPEC_FILE).write_text(
             json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -541,10 +546,11 @@ def _read_spec(directory: Path, seen: dict[str, tuple[int, int, int, int]]) -> d
         spec = json.loads(_read(directory, SPEC_FILE, seen).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{directory}: {SPEC_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(spec, dict) or spec.get("format_version") != FORMAT_VERSION:
+    if not isinstance(spec, dict) or spec.get("format_version") not in FORMAT_VERSIONS:
         found = spec.get("format_version") if isinstance(spec, dict) else None
         raise CheckpointError(
-            f"{directory}: {SPEC_FILE} has format_version {found!r}, expected {FORMAT_VERSION}"
+            f"{directory}: {SPEC_FILE} has format_version {found!r}, expected one of "
+            f"{list(FORMAT_VERSIONS)}"
         )
     return spec
 

@@ -9,20 +9,24 @@ served row), or folders of them (every ``predictions-*.jsonl*``). ``--labels``: 
 happened to served rows, JSON lines ``{"request_id": "...", "row": 0, "label": 1}``
 (``row`` defaults to 0, the row of a /predict call) or a CSV file with a header holding
 those columns. A logged row with no label is a negative (no click came), unless
-``--unlabelled drop``. ``--checkpoint``: a model with the served fields, for which of
+``--unlabelled drop``; a key logged twice (a caller that reused its request id) is
+joined once, the first time. ``--checkpoint``: a model with the served fields, for which of
 them are dense and which sparse.
 
 The output is a Parquet file with a ``label`` column and one column per field (dense:
-float64, sparse: string; missing: null), in log order; the command it prints trains on
-it as it is. Per model version it prints the rows, clicks, AUC, logloss, normalized
-entropy and calibration ratio of the probabilities served (``--json`` writes them).
+float64, sparse: string; missing: null), in time order (the files of several
+processes merged); the command it prints trains on it as it is. Per model version it
+prints the rows, clicks, AUC, logloss, normalized entropy and calibration ratio of the
+probabilities served (``--json`` writes them).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import json
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +39,7 @@ from model.checkpoint import load_checkpoint
 from model.evaluate import auc, calibration_ratio, logloss, normalized_entropy
 from model.features import FeatureSpec
 
+log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (request id, row)
 LABEL = "label"
 BATCH_ROWS = 65_536
@@ -80,18 +85,22 @@ def read_labels(paths: Iterable[Path]) -> dict[Key, float]:
 
 
 def read_log(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """Every record of the log files, in order. A line that is no record (the partial
-    last line of a process killed mid-write) is skipped."""
-    needed = {"request_id", "row", "features", "probability"}
-    for path in paths:
-        with path.open("rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and needed <= record.keys():
-                    yield record
+    """Every record of the log files in time order (each process's file is in time
+    order; theirs are merged). A line that is no record (the partial last line of a
+    process killed mid-write) is skipped."""
+    return heapq.merge(*(_records(path) for path in paths), key=lambda r: r["time"])
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    needed = {"request_id", "row", "features", "probability", "time"}
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and needed <= record.keys():
+                yield record
 
 
 def join(
@@ -113,12 +122,19 @@ def join(
             ),
         ]
     )
+    duplicates = 0
     served: dict[str, tuple[list[float], list[float]]] = {}
     batch: list[dict[str, Any]] = []
+    seen: set[Key] = set()  # a caller that reused a request id logged a key twice
     out.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(out, schema) as writer:
         for record in read_log(log_files(logs)):
-            label = labels.get((str(record["request_id"]), int(record["row"])))
+            key = (str(record["request_id"]), int(record["row"]))
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            label = labels.get(key)
             if label is None:
                 if unlabelled == "drop":
                     continue
@@ -142,6 +158,12 @@ def join(
                 batch = []
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema))
+    if duplicates:
+        log.warning(
+            "%d logged rows repeat a (request id, row) seen before (a client reusing its "
+            "X-Request-ID): only the first was joined",
+            duplicates,
+        )
     return {version: _quality(np.array(y), np.array(p)) for version, (y, p) in served.items()}
 
 

@@ -204,6 +204,7 @@ def train(
     ``init_from``: a checkpoint to start from (``model.warmstart``): its vocabularies,
     extended with the new data's values, its transforms, architecture and weights; the
     new checkpoint records it as its parent."""
+    Calibration(config.negative_rate)  # (a rate outside (0, 1] fails now, not after encoding)
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
     # Always set: float sums depend on the thread count, and an earlier run in the same
@@ -226,10 +227,12 @@ def train(
         )
         parent_spec = parent.read_features()
         transforms = {f.name: f.transform for f in parent_spec.fields}
-        if set(transforms) != set(schema.features):
+        kinds = {f.name: f.kind for f in parent_spec.fields}
+        given = {name: "dense" for name in schema.dense} | {n: "sparse" for n in schema.sparse}
+        if given != kinds:
             raise ValueError(
-                f"the data's columns {sorted(schema.features)} are not the fields of "
-                f"{init_from} {sorted(transforms)}"
+                f"the data's columns {given} are not the fields of {init_from} {kinds} "
+                "(the same names, dense and sparse alike)"
             )
     else:
         transforms = transforms_for(schema, config)

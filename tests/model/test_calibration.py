@@ -85,6 +85,11 @@ def test_isotonic_calibration_lowers_the_error_of_a_miscalibrated_model(
     assert (
         expected_calibration_error(labels, after) < expected_calibration_error(labels, before) / 5
     )
+    # Centred: rows the model orders stay ordered (no ties a ranking would break badly).
+    x = np.array(fixed.calibration.x)
+    inside = np.linspace(x[0], x[-1], 2000)[1:-1]
+    logits = np.log(inside) - np.log1p(-inside)
+    assert (np.diff(fixed.calibration.probabilities(logits)) > 0).all()
 
 
 @pytest.mark.parametrize("method", ["isotonic", "platt"])
@@ -104,6 +109,8 @@ def test_a_calibration_survives_save_and_load_and_changes_the_version(
     loaded = load_checkpoint(out)
     assert loaded.version == version != tiny_checkpoint.version
     assert loaded.calibration.method == method
+    # Format 2: a loader that predates calibrations refuses it rather than ignore it.
+    assert loaded.spec["format_version"] == 2 and tiny_checkpoint.spec["format_version"] == 1
     assert Calibration.from_json(loaded.calibration.to_json()) == loaded.calibration
     columns, count, _ = rows_between(generated_tsv, 0, 500)
     logits = Predictor(tiny_checkpoint).predict_logits_columns(columns, count)
