@@ -302,3 +302,13 @@ async def test_v2_needs_the_api_key_except_for_health(make_client: ClientFactory
         )
         assert allowed.status_code == 200
         assert allowed.json()["outputs"][0]["shape"] == [2]
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"9" * 40, b"-1", b"1e3"])  # \xb2: latin-1 "²"
+async def test_a_header_length_that_is_no_byte_count_is_a_400(
+    client: httpx.AsyncClient, length: bytes
+) -> None:
+    response = await client.post(
+        "/v2/models/ctr/infer", content=b"{}", headers={"Inference-Header-Content-Length": length}
+    )
+    assert response.status_code == 400 and "byte count" in response.json()["error"]
