@@ -51,8 +51,11 @@ def log_served(
     blocks), under the request's id and its route's template."""
     log = runtime.prediction_log
     if log.sample_rate > 0:
-        endpoint = getattr(request.scope.get("route"), "path", request.url.path)
-        log.offer(request.state.request_id, endpoint, version, rows, probabilities, context)
+        scope = request.scope
+        route = scope.get("route")  # (not request.url: building it costs more than the log)
+        endpoint = route.path if route is not None else scope["path"]
+        rid = scope["state"]["request_id"]
+        log.offer(rid, endpoint, version, rows, probabilities, context)
 
 
 def authorize(request: Request, runtime: Runtime) -> None:
