@@ -201,7 +201,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     model = runtime.model
     _check_model(runtime, name, version, model)
     if header is None:
-        body = model.v2.validate_json(raw)
+        body = model.v2.validate(raw)
     else:
         raw, data = tensordata.split(raw, header)
         try:

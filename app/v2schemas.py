@@ -123,18 +123,14 @@ class InferSchema:
         )
         return cls(TypeAdapter(request), {f.name: f.kind for f in spec.fields}, len(tensors) > 1)
 
-    def validate_json(self, raw: bytes) -> dict[str, Any]:
-        """A request from its JSON bytes, else ``ProtocolError`` (400) saying what is wrong."""
-        try:
-            body: dict[str, Any] = self.adapter.validate_json(raw)
-        except ValidationError as exc:
-            raise ProtocolError(self.word(exc)) from None
-        return body
-
     def validate(self, body: Any) -> dict[str, Any]:
-        """``validate_json`` for a request already parsed (a binary request's header)."""
+        """A request from its JSON bytes, or already parsed (a binary request's header
+        with its data attached), else ``ProtocolError`` (400) saying what is wrong."""
         try:
-            valid: dict[str, Any] = self.adapter.validate_python(body)
+            if isinstance(body, bytes):
+                valid: dict[str, Any] = self.adapter.validate_json(body)
+            else:
+                valid = self.adapter.validate_python(body)
         except ValidationError as exc:
             raise ProtocolError(self.word(exc)) from None
         return valid

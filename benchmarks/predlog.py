@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.serve import sample_rows, service, wrk
+from benchmarks.serve import require, sample_rows, service, wrk
 from tests.redis_servers import RedisServer
 
 CONNECTIONS = 64
@@ -69,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    for tool in ("wrk", "redis-server"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is needed: apt-get install {tool}")
+    require("wrk", "redis-server")
 
     with tempfile.TemporaryDirectory(prefix="ctr-predlog-") as tmp, ExitStack() as stack:
         work = Path(tmp)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.datasets import WORK
-from benchmarks.serve import Served, server, wrk
+from benchmarks.serve import Served, require, server, wrk
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import CRITEO_DENSE, CRITEO_SPARSE
 from model.deepfm import DeepFM, DeepFMConfig
@@ -140,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cold", type=int, default=5, help="seconds of the cold-start run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    for tool in ("wrk", "redis-server"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is needed: apt-get install {tool}")
+    require("wrk", "redis-server")
 
     started = time.perf_counter()
     model_dir = big_checkpoint(args.rows)

@@ -78,6 +78,13 @@ def sample_rows() -> list[dict[str, Any]]:
     return criteo_json_rows(SAMPLE)
 
 
+def require(*tools: str) -> None:
+    """Stop with how to install them when command-line tools are missing."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} needed: apt-get install {' '.join(missing)}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

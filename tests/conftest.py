@@ -47,19 +47,16 @@ def generated_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def trained(directory: Path, data: Path, config: TrainConfig) -> Checkpoint:
+    """The checkpoint of ``config`` trained on ``data`` (a generated Criteo TSV)."""
+    created_at = "2026-01-01T00:00:00+00:00"
+    train([data], "criteo", CRITEO_SCHEMA, directory, config, progress=False, created_at=created_at)
+    return load_checkpoint(directory)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, generated_tsv: Path) -> Checkpoint:
-    out = tmp_path_factory.mktemp("checkpoint") / "tiny"
-    train(
-        [generated_tsv],
-        "criteo",
-        CRITEO_SCHEMA,
-        out,
-        TINY_TRAIN,
-        progress=False,
-        created_at="2026-01-01T00:00:00+00:00",
-    )
-    return load_checkpoint(out)
+    return trained(tmp_path_factory.mktemp("checkpoint") / "tiny", generated_tsv, TINY_TRAIN)
 
 
 # Negative down-sampling on a planted truth (tests/model/test_calibration.py and
@@ -83,14 +80,4 @@ def planted_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sampled_checkpoint(tmp_path_factory: pytest.TempPathFactory, planted_tsv: Path) -> Checkpoint:
     """A model trained on every positive and 10% of the negatives of ``planted_tsv``."""
-    out = tmp_path_factory.mktemp("sampled") / "model"
-    train(
-        [planted_tsv],
-        "criteo",
-        CRITEO_SCHEMA,
-        out,
-        SAMPLED_TRAIN,
-        progress=False,
-        created_at="2026-01-01T00:00:00+00:00",
-    )
-    return load_checkpoint(out)
+    return trained(tmp_path_factory.mktemp("sampled") / "model", planted_tsv, SAMPLED_TRAIN)

@@ -3,18 +3,24 @@ through it on every endpoint, exactly as the offline Predictor computes."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
+from app.predlog import export_stream
 from model.calibrate import calibrate
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.data import CRITEO_SCHEMA, criteo_json_rows
+from model.join import read_log
 from model.predict import Predictor
 from model.synthetic import read_truth
 from tests.app.conftest import ClientFactory
 from tests.conftest import PLANTED_HELD_OUT, PLANTED_ROWS
+from tests.redis_servers import RedisServer
+from tests.server_process import start
 
 pytestmark = pytest.mark.anyio
 FIRST_HELD_OUT = PLANTED_ROWS - round(PLANTED_ROWS * PLANTED_HELD_OUT)
@@ -118,3 +124,48 @@ async def test_every_endpoint_serves_the_calibrated_probability(
         v2 = await client.post("/v2/models/ctr/infer", json={"inputs": inputs})
         assert v2.status_code == 200, v2.text
         np.testing.assert_allclose(v2.json()["outputs"][0]["data"], offline, rtol=1e-6, atol=1e-7)
+
+
+def test_two_workers_in_redis_mode_serve_calibrated_and_log_to_the_stream(
+    isotonic_dir: Path, held_out: list[dict[str, object]], tmp_path: Path
+) -> None:
+    """As users run it: python -m app, 2 workers, rows from Redis (no tables held), every
+    call logged to a Redis stream; the answers are the offline calibrated ones."""
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        process, url = start(
+            CTR_MODEL_DIR=str(isotonic_dir),
+            CTR_WORKERS="2",
+            CTR_REDIS_URL=redis.url,
+            CTR_HOLD_TABLES="false",
+            CTR_REDIS_TIMEOUT_MS="2000",
+            CTR_LOG_SAMPLE_RATE="1",
+            CTR_LOG_STREAM="predictions",
+            CTR_LOG_LEVEL="error",
+        )
+        rows = held_out[:200]
+        try:
+            with httpx.Client(base_url=url) as client:
+                served = [
+                    client.post(
+                        "/predict_many",
+                        json={"instances": rows[i : i + 20]},
+                        headers={"X-Request-ID": f"r{i}"},
+                    )
+                    for i in range(0, 200, 20)
+                ]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert all(a.status_code == 200 for a in served)
+        got = [p for a in served for p in a.json()["probabilities"]]
+        offline = Predictor(load_checkpoint(isotonic_dir)).predict_rows(rows)
+        np.testing.assert_allclose(got, offline, rtol=1e-6, atol=1e-7)
+        logged = tmp_path / "logged.jsonl"
+        count, _ = export_stream(redis.client(), "predictions", logged)
+        assert count == 200  # (the workers flushed their logs as they stopped)
+        by_key = {(r["request_id"], r["row"]): r["probability"] for r in read_log([logged])}
+        assert [by_key[f"r{i - i % 20}", i % 20] for i in range(200)] == got
+    finally:
+        redis.stop()

@@ -110,3 +110,18 @@ def run_app(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"log_sample_rate": 0.5}, "needs CTR_LOG_DIR or CTR_LOG_STREAM"),
+        ({"log_sample_rate": 1.5, "log_dir": "/tmp"}, "less than or equal to 1"),
+        ({"log_stream": "p"}, "CTR_LOG_STREAM needs CTR_REDIS_URL"),
+    ],
+)
+def test_a_prediction_log_without_a_place_to_go_is_refused(
+    settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**settings)  # type: ignore[arg-type]

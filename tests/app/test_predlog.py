@@ -405,3 +405,20 @@ def test_join_merges_processes_by_time_and_joins_a_repeated_key_once(
     table = pq.read_table(out)
     assert table.column("C1").to_pylist() == ["a", "b", "c"]
     assert table.column("label").to_pylist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"row": 0, "label": 1}\n', "entry 1 is no label"),
+        ('{"request_id": "a", "label": "yes"}\n', "entry 1 is no label"),
+        ('{"request_id": "a", "label": 2}\n', "label 2.0, not 0 or 1"),
+    ],
+)
+def test_labels_that_are_no_labels_are_refused_by_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    labels = tmp_path / "clicks.jsonl"
+    labels.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_labels([labels])
