@@ -352,5 +352,6 @@ class Runtime:
             await self._batcher.close()
             await self.model.store.aclose()
         finally:
-            await asyncio.to_thread(self.prediction_log.close)
+            if self.prediction_log.sample_rate > 0:  # (sinks to flush: off the loop)
+                await asyncio.to_thread(self.prediction_log.close)
         gc.unfreeze()  # what start froze may be garbage now (a test's app, a replaced model)
