@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
@@ -80,8 +81,9 @@ def create_app(
                 finally:
                     await link.aclose()
         finally:
+            closing = time.monotonic()
             await runtime.close()
-            log.info("stopped")
+            log.info("stopped: shutdown took %.2f s", time.monotonic() - closing)
 
     app = FastAPI(
         title="ctr-serve",

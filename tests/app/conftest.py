@@ -21,8 +21,16 @@ from tests.redis_servers import RedisServer
 from tests.server_process import start
 
 TEST_REDIS_BUDGET_MS = 2000
+# Start-up and shutdown in a test: asgi-lifespan's default of 5 s is a timed assert
+# that a loaded CI machine failed twice (a shutdown with Redis down); a hang still fails.
+LIFESPAN_TIMEOUT_S = 60.0
 Client = httpx.AsyncClient
 ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+def lifespan(app: Any) -> LifespanManager:
+    """The app's lifespan (start-up, then shutdown) around a test's calls."""
+    return LifespanManager(app, LIFESPAN_TIMEOUT_S, LIFESPAN_TIMEOUT_S)
 
 
 @pytest.fixture
@@ -49,7 +57,7 @@ async def serve(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
     defaults = {"model_dir": DEFAULT_MODEL_DIR, "redis_timeout_ms": TEST_REDIS_BUDGET_MS}
     settings = Settings(**{**defaults, **overrides})
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
+    async with lifespan(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ctr") as client:
             yield client

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from asgi_lifespan import LifespanManager
 
 from app.config import Settings
 from app.main import create_app
@@ -28,7 +27,7 @@ from model.default_model import DEFAULT_MODEL_DIR
 from model.join import join, log_files, read_labels, read_log, train_command
 from model.predict import Predictor
 from model.train import TrainConfig, train
-from tests.app.conftest import ClientFactory
+from tests.app.conftest import ClientFactory, lifespan
 from tests.app.test_routes import random_rows
 from tests.redis_servers import RedisServer
 from tests.server_process import start
@@ -81,7 +80,7 @@ async def test_a_bug_answers_500_with_the_request_id(monkeypatch: pytest.MonkeyP
         raise RuntimeError("a bug")
 
     app = create_app(Settings(model_dir=DEFAULT_MODEL_DIR))
-    async with LifespanManager(app) as manager:
+    async with lifespan(app) as manager:
         # (the server error middleware re-raises after answering: not into the test)
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://ctr") as client:

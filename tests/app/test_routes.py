@@ -10,7 +10,7 @@ import pytest
 
 from model.data import criteo_json_rows
 from model.predict import Predictor
-from tests.app.conftest import ClientFactory
+from tests.app.conftest import ClientFactory, lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -319,8 +319,7 @@ async def test_a_client_that_disconnects_mid_body_is_not_an_error(
 ) -> None:
     """It used to surface as an unexpected error (500, with a traceback in the log), and
     still did on the v2 route."""
-    from asgi_lifespan import LifespanManager
-
+    
     from app.config import Settings
     from app.main import create_app
 
@@ -333,7 +332,7 @@ async def test_a_client_that_disconnects_mid_body_is_not_an_error(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    async with LifespanManager(app) as manager:
+    async with lifespan(app) as manager:
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
