@@ -319,7 +319,7 @@ async def test_a_client_that_disconnects_mid_body_is_not_an_error(
 ) -> None:
     """It used to surface as an unexpected error (500, with a traceback in the log), and
     still did on the v2 route."""
-    
+
     from app.config import Settings
     from app.main import create_app
 
