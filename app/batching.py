@@ -15,6 +15,10 @@ the batch loop is itself a task on that loop.
 
 A failure while processing a batch reaches every caller in it. ``close`` stops
 taking new calls and drains those already queued before it returns.
+
+``between`` runs a function on the worker thread between two batches, after every
+call queued before it: what the batches read (the model's weights, the row cache)
+can change there without a lock, and no batch sees half of the change.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _STOP = object()
+
+
+class _Between:
+    """A function to run on the worker thread between batches (``between``)."""
+
+    def __init__(self, fn: Callable[[], object], future: asyncio.Future[object]) -> None:
+        self.fn = fn
+        self.future = future
 
 
 class BatcherClosed(RuntimeError):
@@ -78,6 +90,15 @@ class MicroBatcher(Generic[T, R]):
         self._queue.put((item, future))
         return await future
 
+    async def between(self, fn: Callable[[], object]) -> object:
+        """Run ``fn`` on the worker thread once the calls queued before it are done, and
+        before any queued after it; return its result (or raise its exception)."""
+        if self._closing:
+            raise BatcherClosed("the service is shutting down")
+        future: asyncio.Future[object] = self._loop.create_future()
+        self._queue.put(_Between(fn, future))
+        return await future
+
     async def close(self) -> None:
         """Take no new calls, finish every queued one, then stop the worker."""
         if not self._closing:
@@ -97,6 +118,12 @@ class MicroBatcher(Generic[T, R]):
                 if entry is _STOP:
                     stop = True
                     break
+                if isinstance(entry, _Between):
+                    if batch:  # after the batch gathered so far
+                        carried = entry
+                    else:
+                        self._run_between(entry)
+                    break
                 item_rows = self._rows(entry[0])  # type: ignore[index]
                 if batch and self._max_rows is not None and rows + item_rows > self._max_rows:
                     carried = entry
@@ -111,6 +138,14 @@ class MicroBatcher(Generic[T, R]):
                     break
             if batch:
                 self._run_batch(batch)
+
+    def _run_between(self, task: _Between) -> None:
+        try:
+            result = task.fn()
+        except Exception as exc:
+            self._loop.call_soon_threadsafe(_fail, [task.future], exc)
+        else:
+            self._loop.call_soon_threadsafe(_resolve, [task.future], [result])
 
     def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         # done() read from this thread can only be stale towards "not done": a caller

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         description="redis store: also hold the checkpoint tables, for exact answers when "
         "Redis fails; false: the replica's memory does not grow with the vocabulary",
     )
+    follow_updates: bool = Field(
+        True,
+        description="redis store: apply the streamed updates of the base version served "
+        "(python -m app.publish --update), without a reload",
+    )
     batch_max: PositiveInt = Field(256, description="most /predict calls in one forward pass")
     max_instances: PositiveInt = Field(10_000, description="most rows in one /predict_many")
     max_body_bytes: PositiveInt = 8 * MiB

@@ -140,6 +140,36 @@ class Metrics:
             ["sink", "reason"],
             registry=r,
         )
+        self.updates_applied = Counter(
+            "ctr_model_updates_applied",
+            "streamed model updates applied (app.store.updates)",
+            registry=r,
+        )
+        self.updates_refused = Counter(
+            "ctr_model_updates_refused",
+            "streamed model updates refused (malformed, or not following what is served)",
+            registry=r,
+        )
+        self.update_number = Gauge(
+            "ctr_model_update",
+            "the update of the base version served (0: the base itself; the lowest of "
+            "every worker)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.published = Gauge(
+            "ctr_model_published_timestamp_seconds",
+            "when what is served (the base's checkpoint, or its last update applied) was "
+            "made: staleness is time() minus this (the oldest of every worker)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.rows_ahead = Counter(
+            "ctr_embedding_rows_ahead",
+            "rows read from Redis newer than the update served, with no older part to use "
+            "(a replica two updates behind, catching up): used, not cached",
+            registry=r,
+        )
         self.model_info = Gauge(
             "ctr_model_info",
             "the loaded model (value 1; 0: one served before a reload)",

@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import torch
 from app.batching import BatcherClosed, MicroBatcher
 from app.config import Settings
 from app.errors import InvalidCheckpoint, NotFound, NotReady, Overloaded
+from app.follower import UpdateFollower
 from app.metrics import Metrics
 from app.predlog import PredictionLog, open_prediction_log
 from app.serving import Explained, ServingModel
@@ -121,12 +123,33 @@ class Runtime:
             max_rows=settings.chunk_rows,
         )
         self._closing = False
+        self._follower: UpdateFollower | None = None
+        self._follow(model)
         self._reload_lock = asyncio.Lock()
         # Rows of the calls accepted and not answered yet, and the calls of each model
         # (by id) under way: a replaced model's store closes once it has none.
         self._queued_rows = 0
         self._calls_of: collections.Counter[int] = collections.Counter()
         self._call_ended = asyncio.Condition()
+
+    def _follow(self, model: ServingModel) -> None:
+        """Apply the streamed updates of ``model``'s base version (redis store)."""
+        created = model.checkpoint.created_at
+        self.metrics.update_number.set(0)
+        if created:
+            self.metrics.published.set(datetime.fromisoformat(created).timestamp())
+        settings = self.settings
+        if settings.store != "redis" or not settings.follow_updates:
+            self._follower = None
+            return
+        client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
+        self._follower = UpdateFollower(model, client, self._batcher.between, self.metrics)
+        self._follower.start()
+
+    async def _unfollow(self) -> None:
+        if self._follower is not None:
+            await self._follower.aclose()
+            self._follower = None
 
     @classmethod
     async def start(
@@ -231,7 +254,9 @@ class Runtime:
 
     async def _swap(self, new: ServingModel) -> tuple[str, str]:
         old = self.model
+        await self._unfollow()  # (an update of the old base may not apply to the new)
         self.model = new  # the swap: calls validated from now on use the new model
+        self._follow(new)
         await self._retire(old)
         self.metrics.serving(new.version, old.version)
         log.info("reloaded: serving %s from %s", new.version, new.checkpoint.path)
@@ -349,6 +374,7 @@ class Runtime:
         async with self._reload_lock:  # a reload under way finishes (or refuses) first
             pass
         try:
+            await self._unfollow()
             await self._batcher.close()
             await self.model.store.aclose()
         finally:

@@ -8,7 +8,9 @@ threads use the cores).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -20,8 +22,10 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.schemas import RequestSchemas
 from app.store.base import EmbeddingStore, Row
+from app.store.updates import Update, UpdateRefused
 from app.v2schemas import InferSchema
-from model.checkpoint import Checkpoint
+from model.calibration import Calibration
+from model.checkpoint import TABLES, Checkpoint
 from model.deepfm import DeepFM, Split
 
 SPLITS_KEPT = 64  # distinct context field sets whose split is kept
@@ -40,7 +44,10 @@ class ServingModel:
         settings: Settings,
     ) -> None:
         self.checkpoint = checkpoint
-        self.version = checkpoint.version
+        self.version = checkpoint.version  # the base's, then "<base>+u<k>" (apply_update)
+        self.update: Update | None = None  # the last update applied (app.store.updates)
+        self.applied_at: float | None = None  # when (time.time())
+        self.refused: str | None = None  # why an update was refused: updates stopped here
         self.features = checkpoint.features
         self.calibration = checkpoint.calibration
         self.schemas = RequestSchemas.build(checkpoint.features)
@@ -166,6 +173,78 @@ class ServingModel:
             )
         ]
 
+    # -- streamed updates (app.store.updates; app.follower reads them)
+
+    @property
+    def update_number(self) -> int:
+        return 0 if self.update is None else self.update.number
+
+    @property
+    def made_by(self) -> str:
+        """The checkpoint whose weights are served: the base's, or the last update's."""
+        return self.checkpoint.version if self.update is None else self.update.checkpoint
+
+    def check_update(self, update: Update, jump: bool = False) -> None:
+        """Raise UpdateRefused unless ``update`` is the next one of what is served (any
+        later one when ``jump``) and fits this model."""
+        served = self.checkpoint.version
+        if update.base != served:
+            raise UpdateRefused(f"update {update.number} is of {update.base}, not {served}")
+        if not jump and update.number != self.update_number + 1:
+            raise UpdateRefused(f"update {update.number} does not follow {self.version}")
+        if jump and update.number <= self.update_number:
+            raise UpdateRefused(f"update {update.number} is not past {self.version}")
+        if not jump and update.parent != self.made_by:
+            raise UpdateRefused(
+                f"update {update.number} was made from {update.parent}, not {self.made_by}"
+            )
+        width = 1 + self.checkpoint.config.embed_dim
+        fields = len(self.features.embedded_fields)
+        if len(update.keys) != fields:
+            raise UpdateRefused(f"update {update.number}: {len(update.keys)} fields, not {fields}")
+        for j, rows in enumerate(update.rows):
+            if rows.dtype != np.float32 or (len(rows) and rows.shape[1] != width):
+                raise UpdateRefused(
+                    f"update {update.number}, field {j}: rows of shape {rows.shape} "
+                    f"({rows.dtype}), this model's are {width} float32 wide"
+                )
+        if update.oov is not None and update.oov.shape != (fields, width):
+            raise UpdateRefused(f"update {update.number}: OOV rows of shape {update.oov.shape}")
+        if update.dense:
+            expected = {n: t.shape for n, t in self._model.state_dict().items() if n != TABLES}
+            got = {n: t.shape for n, t in update.dense.items()}
+            if got != expected:
+                raise UpdateRefused(f"update {update.number}: its dense weights do not fit")
+        elif jump:
+            raise UpdateRefused(f"update {update.number} lacks the dense weights to jump to")
+        if jump and update.oov is None:
+            raise UpdateRefused(f"update {update.number} lacks the OOV rows to jump to")
+        try:
+            Calibration.from_json(update.calibration)
+        except Exception as exc:
+            raise UpdateRefused(f"update {update.number}: its calibration: {exc}") from exc
+
+    def prepare_update(self, update: Update) -> DeepFM:
+        """The model ``update`` switches to (``check_update`` first): built off the worker
+        thread, around the same tables, so that ``apply_update`` only swaps it in."""
+        if not update.dense:
+            return self._model
+        current = self._model
+        table = current.sparse_rows.weight if current.sparse_rows is not None else None
+        model = DeepFM(current.config, tables=False, table=table)
+        model.load_state_dict(dict(update.dense), strict=False, assign=True)
+        return model.eval()
+
+    def apply_update(self, update: Update, model: DeepFM, jump: bool = False) -> None:
+        """Serve ``update`` (on the batcher's worker thread, between batches: no batch sees
+        two updates' weights): the rows to the store, the dense weights and calibration
+        swapped, every answer from now named by the update."""
+        self.store.apply_update(update, jump)
+        self._model = model
+        self.calibration = Calibration.from_json(update.calibration)
+        self.update, self.applied_at = update, time.time()
+        self.version = update.version
+
     def describe(self) -> dict[str, Any]:
         """The metadata /model returns."""
         c = self.checkpoint
@@ -186,4 +265,25 @@ class ServingModel:
             "metrics": dict(c.metrics),
             "calibration": self.calibration.describe(),
             "embedding_store": self.store.backend,
+            "base_version": c.version,
+            "update": self._describe_update(),
+        }
+
+    def _describe_update(self) -> dict[str, Any] | None:
+        """The last update applied: which, when published and applied, and its age."""
+        u = self.update
+        if u is None:
+            return None if self.refused is None else {"number": 0, "refused": self.refused}
+        published = datetime.fromisoformat(u.published_at).timestamp()
+        return {
+            "number": u.number,
+            "checkpoint": u.checkpoint,
+            "parent": u.parent,
+            "rows": u.row_count,
+            "published_at": u.published_at,
+            "applied_at": datetime.fromtimestamp(self.applied_at or 0, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "age_s": round(time.time() - published, 3),
+            "refused": self.refused,
         }

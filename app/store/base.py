@@ -16,6 +16,7 @@ import numpy.typing as npt
 import torch
 
 from app.metrics import Metrics
+from app.store.updates import Update
 from model.deepfm import DeepFM
 from model.features import FeatureSpec
 
@@ -41,6 +42,10 @@ class EmbeddingStore(ABC):
     def reason(self) -> str | None:
         """While degraded: what went wrong last (for /readyz)."""
         return None
+
+    def apply_update(self, update: Update, jump: bool = False) -> None:
+        """Serve a streamed update's rows (``app.store.updates``); on the worker thread."""
+        raise NotImplementedError(f"the {self.backend} store takes no streamed updates")
 
     async def start(self) -> None:  # noqa: B027 (a store with nothing to start)
         """Connect (on the event loop); the default store has nothing to connect to."""

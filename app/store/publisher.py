@@ -8,13 +8,19 @@ Publishing is idempotent: a complete version (a manifest, and every partition
 hash there) is never written again; one whose hashes went missing is written
 again under the lock, its manifest removed first.
 
+An *update* (``app.store.updates``) writes only what a checkpoint trained from the
+served one with ``--init-from`` changed, for the replicas serving its base to apply
+without a reload:
+
     python -m app.publish [--model-dir DIR]     (CTR_REDIS_URL, CTR_REDIS_CLUSTER)
+    python -m app.publish --update --from OLD --to NEW
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -37,6 +43,16 @@ from app.store.layout import (
     missing_partitions,
     read_manifest,
 )
+from app.store.updates import (
+    Update,
+    UpdateKeys,
+    UpdateRefused,
+    decode_entry,
+    diff,
+    entry_fields,
+    lineage_key,
+    tag_row,
+)
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.features import value_key
 
@@ -44,6 +60,7 @@ log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 30.0  # a publisher that died holds the lock this long at most
 WRITE_BATCH_ROWS = 20_000  # rows per pipeline round trip while publishing
+UPDATES_KEPT = 1000  # the updates a lineage's stream keeps for replicas to catch up
 
 
 class PublishFailed(Exception):
@@ -156,6 +173,100 @@ def _partitions(
     return out
 
 
+async def publish_update(
+    client: RedisClient, old: Checkpoint, new: Checkpoint, kept: int = UPDATES_KEPT
+) -> Update:
+    """Publish what ``new`` changed from ``old`` as the next update of ``old``'s lineage.
+
+    ``old`` must be a published base version or the checkpoint of its lineage's last
+    update. Raises UpdateRefused (nothing written) when it is not, or when ``new`` is
+    no warm start of ``old``; PublishFailed when writing fails midway (the rows written
+    are tagged with an update no replica applies until it is announced).
+    """
+    found = await client.get(lineage_key(old.version))
+    if found is not None:
+        base, previous = decode_entry({"lineage": found})["lineage"].split()
+        number = int(previous) + 1
+    elif await read_manifest(client, old.version) is not None:
+        base, number = old.version, 1
+    else:
+        raise UpdateRefused(
+            f"{old.version} is neither a published version nor a published update: publish "
+            "it first (python -m app.publish), or update from the lineage's last checkpoint"
+        )
+    keys = UpdateKeys(base)
+    base_manifest = await read_manifest(client, base)
+    if base_manifest is None:
+        raise UpdateRefused(f"the base version {base} is no longer published")
+    if base_manifest["row_floats"] != 1 + new.config.embed_dim:
+        raise UpdateRefused(
+            f"rows of {1 + new.config.embed_dim} floats, the base {base} has "
+            f"{base_manifest['row_floats']}"
+        )
+    layout = Layout(base, int(base_manifest["partitions"]))
+    lock = client.lock(keys.lock, timeout=LOCK_TTL_S, blocking=True, thread_local=False)
+    if not await lock.acquire(blocking_timeout=LOCK_TTL_S):
+        raise UpdateRefused(f"another update of {base} is being published")
+    try:
+        last = await client.xrevrange(keys.stream, count=1)
+        head = int(decode_entry(last[0][1] or {})["number"]) if last else 0
+        if head != number - 1:
+            raise UpdateRefused(
+                f"{old.version} is update {number - 1} of {base}, but the lineage is at "
+                f"update {head}: update from its last checkpoint"
+            )
+        started = time.perf_counter()
+        update = await asyncio.to_thread(
+            diff, base, number, old, new, datetime.now(UTC).isoformat(timespec="milliseconds")
+        )
+        blob = await asyncio.to_thread(update.to_bytes)
+        try:
+            await client.set(keys.blob(number), blob)
+            await _write_update_rows(client, layout, update, lock)
+            await client.xadd(keys.stream, entry_fields(update, len(blob)))  # type: ignore[arg-type]
+            await client.set(lineage_key(new.version), f"{base} {number}")
+            if number > kept:  # the stream and its blobs keep the last ``kept`` updates
+                await client.xtrim(keys.stream, maxlen=kept)
+                await client.delete(keys.blob(number - kept))
+        except Exception as exc:
+            raise PublishFailed(f"update {number} of {base}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(LockError):
+            await lock.release()
+    log.info(
+        "published update %d of %s (%s): %d rows, %d bytes, in %.2f s",
+        number,
+        base,
+        new.version,
+        update.row_count,
+        len(blob),
+        time.perf_counter() - started,
+    )
+    return update
+
+
+async def _write_update_rows(
+    client: RedisClient, layout: Layout, update: Update, lock: Any
+) -> None:
+    """Each changed or new row into its base hash, tagged over the value it replaces."""
+    row_bytes = (update.rows[0].shape[1] if update.rows else 0) * ROW_DTYPE.itemsize
+    for j, field_keys in enumerate(update.keys):
+        rows = update.rows[j].astype(ROW_DTYPE, copy=False)
+        for start in range(0, len(field_keys), WRITE_BATCH_ROWS):
+            chunk = field_keys[start : start + WRITE_BATCH_ROWS]
+            hashes = [layout.hash_key(j, key) for key in chunk]
+            pipe = client.pipeline(transaction=False)
+            for hash_key, key in zip(hashes, chunk, strict=True):
+                pipe.hget(hash_key, key)
+            current = await pipe.execute()
+            pipe = client.pipeline(transaction=False)
+            for i, (hash_key, key) in enumerate(zip(hashes, chunk, strict=True)):
+                row = rows[start + i].tobytes()
+                pipe.hset(hash_key, key, tag_row(row, update.number, current[i], row_bytes))
+            await pipe.execute()
+            await lock.reacquire()
+
+
 async def _main(settings: Settings, model_dir: str | None) -> int:
     if settings.redis_url is None:
         log.error("CTR_REDIS_URL is not set: nowhere to publish")
@@ -179,11 +290,47 @@ async def _main(settings: Settings, model_dir: str | None) -> int:
     return 0
 
 
+async def _update_main(settings: Settings, old_dir: str, new_dir: str) -> int:
+    if settings.redis_url is None:
+        log.error("CTR_REDIS_URL is not set: nowhere to publish")
+        return 2
+    try:
+        old, new = await asyncio.gather(
+            asyncio.to_thread(load_checkpoint, old_dir), asyncio.to_thread(load_checkpoint, new_dir)
+        )
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 1
+    client = connect(settings, timeout_s=30.0)
+    try:
+        update = await publish_update(client, old, new)
+    except (RedisError, OSError, PublishFailed, UpdateRefused) as exc:
+        log.error("publishing the update to %s failed: %s", new.version, exc)
+        return 1
+    finally:
+        await client.aclose()
+    print(f"{new.version}: published as {update.version} ({update.row_count} rows)")  # noqa: T201
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="checkpoint to publish (default: CTR_MODEL_DIR)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="publish what --to changed from --from, as the next update of --from's lineage",
+    )
+    parser.add_argument("--from", dest="old", metavar="OLD", help="the checkpoint served now")
+    parser.add_argument("--to", dest="new", metavar="NEW", help="trained with --init-from OLD")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.update:
+        if args.old is None or args.new is None or args.model_dir is not None:
+            parser.error("--update takes --from OLD and --to NEW (and no --model-dir)")
+        return asyncio.run(_update_main(Settings(), args.old, args.new))
+    if args.old is not None or args.new is not None:
+        parser.error("--from and --to go with --update")
     return asyncio.run(_main(Settings(), args.model_dir))
 
 

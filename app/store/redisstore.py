@@ -50,6 +50,7 @@ from app.store.layout import (
 )
 from app.store.publisher import PublishFailed, publish
 from app.store.rowcache import MISS, Key, RowCache
+from app.store.updates import AHEAD, Update, keys_by_field, pick_row
 from model.checkpoint import TABLES, Checkpoint, load_checkpoint
 from model.deepfm import DeepFM
 
@@ -96,6 +97,11 @@ class RedisStore(EmbeddingStore):
         self._oov = checkpoint.oov_rows.numpy().astype(np.float32)
         self._width = self._oov.shape[1]
         self._cache = RowCache(settings.local_cache_rows, self._oov)
+        self._applied = 0  # the update of this version served (app.store.updates)
+        # Held tables: the rows updates changed or brought, per field (value key -> row).
+        self._overlay: list[dict[str, npt.NDArray[np.float32]]] = [
+            {} for _ in checkpoint.features.embedded_fields
+        ]
         self._layout: Layout | None = None  # known once the manifest was read
         # The tables, when held: the model's own tensor (no copy), for exact fallbacks.
         self._tables: npt.NDArray[np.float32] | None = None
@@ -300,7 +306,7 @@ class RedisStore(EmbeddingStore):
         layout = self._layout
         if self._failure is None and layout is not None:
             try:
-                rows = self._from_redis(layout, keys)
+                rows, absent, cacheable = self._from_redis(layout, keys)
             except MissingVersion as exc:
                 self._degrade("missing_version", str(exc), _cause(exc))
             except TimeoutError as exc:  # a read, or the whole round trip, past the budget
@@ -310,17 +316,22 @@ class RedisStore(EmbeddingStore):
                 log.debug("redis lookup failed", exc_info=True)
                 self._degrade("unavailable", f"{type(exc).__name__}: {exc}", _cause(exc))
             else:
-                self._cache.insert(keys, rows)
+                if cacheable:
+                    self._cache.insert(keys, rows, absent)
                 return rows
         self._fallbacks[self._failure or "unavailable"].inc()
         if self._tables is None:
             self._metrics.oov.inc(len(keys))
             return self._oov[[j for j, _ in keys]]
-        rows = self._from_tables(keys)
-        self._cache.insert(keys, rows)  # exact: the same rows Redis would give
+        rows, absent = self._from_tables(keys)
+        self._cache.insert(keys, rows, absent)  # exact: the same rows Redis would give
         return rows
 
-    def _from_redis(self, layout: Layout, keys: list[Key]) -> npt.NDArray[np.float32]:
+    def _from_redis(
+        self, layout: Layout, keys: list[Key]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], bool]:
+        """The rows of ``keys`` in Redis as of the update served, which of them are
+        absent (OOV), and whether they may be cached."""
         groups: dict[str, list[int]] = {}
         for i, (j, value) in enumerate(keys):
             groups.setdefault(layout.hash_key(j, value), []).append(i)
@@ -352,24 +363,81 @@ class RedisStore(EmbeddingStore):
                 if value is not None:
                     present.append(i)
                     packed.append(value)
+        cacheable = True
+        row_bytes = self._width * ROW_DTYPE.itemsize
+        blob = b"".join(packed)
+        if len(blob) != len(packed) * row_bytes:  # rows written by updates: tagged
+            present, packed, cacheable = self._as_served(present, packed, row_bytes, keys)
+            blob = b"".join(packed)
         self._lookups["redis"].inc(len(keys))
         self._hits["redis"].inc(len(present))
         self._metrics.oov.inc(len(keys) - len(present))
         if packed:
-            blob = b"".join(packed)
-            if len(blob) != len(packed) * self._width * ROW_DTYPE.itemsize:
-                raise CorruptRow(f"a row of {self._version} in Redis has the wrong size")
             rows[present] = np.frombuffer(blob, dtype=ROW_DTYPE).reshape(-1, self._width)
-        return rows
+        absent = np.ones(len(keys), dtype=bool)
+        absent[present] = False
+        return rows, absent, cacheable
 
-    def _from_tables(self, keys: list[Key]) -> npt.NDArray[np.float32]:
+    def _as_served(
+        self, present: list[int], packed: list[bytes], row_bytes: int, keys: list[Key]
+    ) -> tuple[list[int], list[bytes], bool]:
+        """Tagged rows as of the update this replica serves (``pick_row``): the rows an
+        update wrote before this replica applied it are not used yet."""
+        kept: list[int] = []
+        rows: list[bytes] = []
+        cacheable = True
+        for i, value in zip(present, packed, strict=True):
+            try:
+                row = pick_row(value, row_bytes, self._applied)
+            except ValueError as exc:
+                raise CorruptRow(f"{self._version}, {keys[i]}: {exc}") from None
+            if row is AHEAD:  # two updates behind: the newest, not cached (catching up)
+                self._metrics.rows_ahead.inc()
+                row, cacheable = value[:row_bytes], False
+            if row is not None:
+                kept.append(i)
+                rows.append(row)
+        return kept, rows, cacheable
+
+    def _from_tables(
+        self, keys: list[Key]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         assert self._tables is not None
         ids = self._features.vocab_index.find([value for _, value in keys], [j for j, _ in keys])
-        hits = int(np.count_nonzero(ids))
+        rows = self._tables[ids + np.array([self._offsets[j] for j, _ in keys], dtype=np.int64)]
+        absent = ids == 0
+        if any(self._overlay):  # rows the updates applied changed or brought
+            for i, (j, value) in enumerate(keys):
+                row = self._overlay[j].get(value)
+                if row is not None:
+                    rows[i] = row
+                    absent[i] = False
+        if absent.any():  # (the OOV rows an update brought, or the checkpoint's)
+            rows[absent] = self._oov[[j for j, _ in keys]][absent]
+        hits = len(keys) - int(np.count_nonzero(absent))
         self._lookups["tables"].inc(len(keys))
         self._hits["tables"].inc(hits)
         self._metrics.oov.inc(len(keys) - hits)
-        return self._tables[ids + np.array([self._offsets[j] for j, _ in keys], dtype=np.int64)]
+        return rows, absent
+
+    # -- updates (on the worker thread, between batches: see ServingModel.apply_update)
+
+    def apply_update(self, update: Update, jump: bool = False) -> None:
+        """Serve ``update``'s rows: cached rows replaced, OOV rows swapped, the held
+        tables' overlay extended. ``jump``: updates before it were missed (the stream
+        was trimmed): the cache is dropped, and the held tables miss those rows."""
+        if jump:
+            self._cache.clear()
+        if update.oov is not None:
+            self._oov = update.oov.astype(np.float32)
+            self._cache.set_oov(self._oov)
+        for j, values, rows in keys_by_field(update):
+            self._cache.replace(j, values, rows)
+            if self._tables is not None:
+                overlay = self._overlay[j]
+                for value, row in zip(values, rows, strict=True):
+                    overlay[value] = row
+        self._applied = update.number
 
 
 def _cause(exc: BaseException) -> str:

@@ -12,8 +12,11 @@ every hit, a Python-level step per value that cost redis mode a fifth of its
 throughput against memory mode.
 
 Each field's OOV row sits in a pinned slot past the evictable ones, and a
-missing value (its key ``NOT_A_KEY``) maps to it. Only the forward-pass worker thread uses a
-cache: it takes no lock.
+missing value (its key ``NOT_A_KEY``) maps to it. A value the store found absent is
+cached with a copy of its field's OOV row, flagged as such: a model update that
+brings new OOV rows (``set_oov``) rewrites those copies, and one that brings rows
+for cached values (``replace``) rewrites theirs. Only the forward-pass worker thread
+uses a cache: it takes no lock.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class RowCache:
         self._index: list[dict[str, int]] = [{NOT_A_KEY: capacity + j} for j in range(fields)]
         self._owner: list[Key | None] = [None] * capacity
         self._referenced = np.zeros(capacity + fields, dtype=bool)
+        self._absent = np.zeros(capacity, dtype=bool)  # holds a copy of an OOV row
         self._used = 0
         self._hand = 0
 
@@ -64,15 +68,17 @@ class RowCache:
         self._referenced[slots] = True
         return self._rows[slots]
 
-    def insert(self, keys: Sequence[Key], rows: FloatRows) -> None:
-        """Cache ``rows[i]`` under ``keys[i]`` (keys not cached yet), evicting as needed."""
+    def insert(
+        self, keys: Sequence[Key], rows: FloatRows, absent: npt.NDArray[np.bool_] | None = None
+    ) -> None:
+        """Cache ``rows[i]`` under ``keys[i]`` (keys not cached yet), evicting as needed;
+        ``absent[i]``: ``rows[i]`` is the OOV row of a value the store does not hold."""
+        if absent is None:
+            absent = np.zeros(len(keys), dtype=bool)
         if len(keys) >= self.capacity:  # only the last ``capacity`` could stay: start afresh
-            keys, rows = keys[len(keys) - self.capacity :], rows[len(keys) - self.capacity :]
-            for j, field_index in enumerate(self._index):
-                field_index.clear()
-                field_index[NOT_A_KEY] = self.capacity + j
-            self._owner = [None] * self.capacity
-            self._used = self._hand = 0
+            cut = len(keys) - self.capacity
+            keys, rows, absent = keys[cut:], rows[cut:], absent[cut:]
+            self.clear()
         targets = self._take(len(keys))
         owner = self._owner
         for slot, key in zip(targets, keys, strict=True):
@@ -82,6 +88,33 @@ class RowCache:
             self._index[key[0]][key[1]] = slot
             owner[slot] = key
         self._rows[targets] = rows
+        self._absent[targets] = absent
+
+    def clear(self) -> None:
+        """Forget every cached row (the OOV rows stay)."""
+        for j, field_index in enumerate(self._index):
+            field_index.clear()
+            field_index[NOT_A_KEY] = self.capacity + j
+        self._owner = [None] * self.capacity
+        self._absent[:] = False
+        self._used = self._hand = 0
+
+    def replace(self, field: int, values: Sequence[str], rows: FloatRows) -> int:
+        """New rows for those of ``values`` (lookup keys of ``field``) that are cached;
+        the others stay uncached. Returns how many were cached."""
+        slots = self.slots(field, values)
+        cached = (slots != MISS) & (slots < self.capacity)
+        self._rows[slots[cached]] = rows[cached]
+        self._absent[slots[cached]] = False
+        return int(np.count_nonzero(cached))
+
+    def set_oov(self, oov_rows: FloatRows) -> None:
+        """New OOV rows: in the pinned slots, and in every cached copy of one."""
+        self._rows[self.capacity :] = oov_rows
+        for slot in np.flatnonzero(self._absent).tolist():
+            owner = self._owner[slot]
+            assert owner is not None
+            self._rows[slot] = oov_rows[owner[0]]
 
     def _take(self, count: int) -> list[int]:
         """``count`` (< capacity) slots: free ones first, then by the CLOCK hand."""

@@ -128,3 +128,36 @@ async def test_a_process_returning_the_wrong_count_fails_the_batch() -> None:
 async def test_max_calls_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_calls"):
         MicroBatcher(lambda items: list(items), max_calls=0)
+
+
+async def test_between_runs_after_the_calls_before_it_and_before_those_after() -> None:
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, max_calls=8)
+    first = await hold(batcher, recorder, 0)
+    before = await queue(batcher, range(1, 3))
+    seen: list[list[list[int]]] = []
+    change = asyncio.ensure_future(batcher.between(lambda: seen.append(list(recorder.batches))))
+    await until(lambda: batcher.queued >= 3)
+    after = [asyncio.ensure_future(batcher.submit(i)) for i in range(3, 5)]
+    await until(lambda: batcher.queued >= 5)
+    recorder.gate.set()
+    await asyncio.gather(first, *before, change, *after)
+    # Calls 1 and 2 formed a batch of their own: the change cut it short.
+    assert seen == [[[0], [1, 2]]]
+    assert recorder.batches == [[0], [1, 2], [3, 4]]
+    await batcher.close()
+
+
+async def test_between_hands_back_the_result_or_the_exception() -> None:
+    batcher = MicroBatcher(Recorder(), max_calls=8)
+    assert await batcher.between(lambda: threading.current_thread().name) == "micro-batcher"
+
+    def broken() -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        await batcher.between(broken)
+    assert await batcher.submit(1) == 10  # the worker lives on
+    await batcher.close()
+    with pytest.raises(BatcherClosed):
+        await batcher.between(lambda: None)

@@ -1,0 +1,117 @@
+"""A replica follows the streamed updates of the base version it serves.
+
+``UpdateFollower`` reads the lineage's stream (``app.store.updates``) from the start,
+then blocks on it for new entries: each update is fetched, decoded and checked off
+the worker thread, its model built, and then swapped in on the batcher's worker
+thread between two batches (``MicroBatcher.between``). Updates apply in order, each
+once. When Redis is away the follower retries from the last entry it applied, so a
+replica that was disconnected (or restarted: it starts from the base) catches up.
+One that finds the updates it needs trimmed from the stream jumps to the newest:
+its row cache is dropped, and (a warning says so) its held tables miss the rows
+of the updates it skipped until a reload. An update that does not follow what is
+served, or is malformed, is refused: nothing of it is applied, and the replica
+stays where it is (``/model`` says why) until it is reloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.metrics import Metrics
+from app.serving import ServingModel
+from app.store.client import RedisClient
+from app.store.updates import Update, UpdateKeys, UpdateRefused, decode_entry
+
+log = logging.getLogger(__name__)
+
+BLOCK_MS = 1000  # one XREAD waits this long for an entry (the client's timeout is longer)
+RETRY_S = 0.5  # after a failed read
+ENTRIES_PER_READ = 16
+
+Between = Callable[[Callable[[], object]], Awaitable[object]]
+
+
+class UpdateFollower:
+    """Applies the updates of ``model``'s base version as they are published."""
+
+    def __init__(
+        self, model: ServingModel, client: RedisClient, between: Between, metrics: Metrics
+    ) -> None:
+        self._model = model
+        self._client = client
+        self._between = between
+        self._metrics = metrics
+        self._keys = UpdateKeys(model.checkpoint.version)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="update-follower")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        last_id = "0-0"
+        failing: str | None = None
+        while True:
+            try:
+                reply: list[Any] = await self._client.xread(  # type: ignore[assignment]
+                    {self._keys.stream: last_id}, count=ENTRIES_PER_READ, block=BLOCK_MS
+                )
+                for _, entries in reply or ():
+                    for entry_id, fields in entries:
+                        await self._take(decode_entry(fields))
+                        last_id = entry_id
+            except UpdateRefused as exc:
+                self._model.refused = str(exc)
+                self._metrics.updates_refused.inc()
+                log.error("update refused, serving %s until a reload: %s", self._model.version, exc)
+                return
+            except (RedisError, OSError, TimeoutError) as exc:
+                if failing is None:
+                    log.warning("reading the updates of %s failed: %s", self._keys.base, exc)
+                failing = type(exc).__name__
+                await asyncio.sleep(RETRY_S)
+            else:
+                if failing is not None:
+                    log.info("reading the updates of %s again", self._keys.base)
+                    failing = None
+
+    async def _take(self, entry: dict[str, str]) -> None:
+        number = int(entry["number"])
+        served = self._model.update_number
+        if number <= served:
+            return
+        jump = number > served + 1  # the ones between were trimmed from the stream
+        blob = await self._client.get(self._keys.blob(number))
+        if not isinstance(blob, bytes):  # trimmed since the entry was read: the next entry jumps
+            log.warning("update %d of %s is gone from Redis", number, self._keys.base)
+            return
+        update = await asyncio.to_thread(Update.from_bytes, blob)
+        self._model.check_update(update, jump)
+        model = await asyncio.to_thread(self._model.prepare_update, update)
+        previous = self._model.version
+        await self._between(lambda: self._model.apply_update(update, model, jump))
+        self._metrics.serving(update.version, previous)
+        self._metrics.updates_applied.inc()
+        self._metrics.update_number.set(number)
+        self._metrics.published.set(datetime.fromisoformat(update.published_at).timestamp())
+        if jump:
+            log.warning(
+                "updates %d..%d of %s were trimmed from the stream: jumped to %s, the row "
+                "cache dropped; held tables miss their rows until a reload",
+                served + 1,
+                number - 1,
+                self._keys.base,
+                update.version,
+            )
+        log.info("serving %s (%d rows updated)", update.version, update.row_count)

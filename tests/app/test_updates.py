@@ -1,0 +1,329 @@
+"""Streamed updates (issue 15), in process: a real Redis, the real app, real checkpoints.
+
+The replicas-as-processes tests are in test_updates_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.config import Settings
+from app.store.client import connect
+from app.store.publisher import publish_update
+from app.store.updates import AHEAD, TAG, Update, UpdateKeys, UpdateRefused, pick_row, tag_row
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.data import criteo_json_rows
+from model.features import FeatureSpec, Field, Vocabulary
+from model.predict import Predictor
+from model.synthetic import generate
+from model.train import main as train_main
+from model.warmstart import extend_model
+from tests.app.conftest import ClientFactory
+from tests.conftest import TINY_DATA
+from tests.redis_servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+EDITED_FIELD = "C3"
+TOUCHED = 20  # of the field's values, the first TOUCHED get new rows
+ADDED = ("fresh-value-1", "fresh-value-2")
+
+
+def edited(
+    parent: Checkpoint, out: Path, field: str = EDITED_FIELD, shift: float = 0.5
+) -> Checkpoint:
+    """A checkpoint "trained on" from ``parent`` that only moved the rows of ``field``'s
+    first TOUCHED values and learned rows for ADDED: its dense weights and OOV rows are
+    the parent's, so no other value's answer may move."""
+    spec = parent.read_features()
+    fields = []
+    for f in spec.fields:
+        if f.name == field:
+            assert f.vocab is not None
+            f = Field(f.name, f.transform, f.stats, Vocabulary(f.vocab.values + ADDED))
+        fields.append(f)
+    grown = FeatureSpec(tuple(fields))
+    model = extend_model(parent.build_model(), spec, grown)
+    j = [f.name for f in grown.embedded_fields].index(field)
+    start = int(model.offsets[j])
+    old_size = spec.vocab_sizes[j]
+    assert model.sparse_rows is not None
+    with torch.no_grad():
+        table = model.sparse_rows.weight
+        table[start + 1 : start + 1 + TOUCHED] += shift
+        table[start + old_size : start + old_size + len(ADDED)] = torch.linspace(
+            -1, 1, len(ADDED) * table.shape[1]
+        ).reshape(len(ADDED), -1)
+    save_checkpoint(
+        out,
+        model,
+        grown,
+        created_at="2026-01-02T00:00:00+00:00",
+        training={"parent": {"version": parent.version, "new_values": len(ADDED)}},
+    )
+    return load_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def rows(generated_tsv: Path) -> list[dict[str, Any]]:
+    picked = criteo_json_rows(generated_tsv)[:400]
+    # Some rows carry the new values: OOV to the base, their own rows after the update.
+    for i, row in enumerate(picked[:40]):
+        row[EDITED_FIELD] = ADDED[i % 2]
+    return picked
+
+
+@pytest.fixture(scope="module")
+def day2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("day2") / "data.tsv"
+    generate(path, 8_000, replace(TINY_DATA, seed=8))
+    return path
+
+
+def warm_started(parent: Checkpoint, data: Path, out: Path) -> Checkpoint:
+    """``python -m model.train --init-from parent`` on ``data``: new dense weights too."""
+    train_main(
+        ["--data", str(data), "--init-from", str(parent.path), "--out", str(out), "--epochs", "1"]
+        + ["--min-count", "3", "--quiet", "--created-at", "2026-01-02T00:00:00+00:00"]
+    )
+    return load_checkpoint(out)
+
+
+def touched(rows: list[dict[str, Any]], parent: Checkpoint) -> np.ndarray:
+    values = set(parent.vocabulary(EDITED_FIELD).values[:TOUCHED]) | set(ADDED)
+    return np.array([str(row.get(EDITED_FIELD)) in values for row in rows])
+
+
+async def answers(client: httpx.AsyncClient, rows: list[dict[str, Any]]) -> tuple[np.ndarray, str]:
+    response = await client.post("/predict_many", json={"instances": rows})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return np.array(body["probabilities"]), body["model_version"]
+
+
+async def wait_for_update(
+    client: httpx.AsyncClient, number: int, timeout: float = 20
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        update: dict[str, Any] | None = (await client.get("/model")).json()["update"]
+        if update is not None and update["number"] >= number:
+            return update
+        assert time.monotonic() < deadline, f"update {number} was not applied: {update}"
+        await asyncio.sleep(0.02)
+
+
+def redis_settings(redis_server: RedisServer) -> Settings:
+    return Settings(redis_url=redis_server.url)
+
+
+# -- the row format
+
+
+def test_a_replica_reads_each_row_as_of_the_update_it_serves() -> None:
+    width = 8
+    base, one, two = (bytes([i]) * width for i in (1, 2, 3))
+    v1 = tag_row(one, 1, base, width)
+    assert pick_row(base, width, 0) == base  # a base row: untagged
+    assert pick_row(v1, width, 0) == base  # written, not applied yet: the old row
+    assert pick_row(v1, width, 1) == one
+    v2 = tag_row(two, 2, v1, width)
+    assert [pick_row(v2, width, a) for a in (1, 2, 5)] == [one, two, two]
+    assert pick_row(v2, width, 0) is AHEAD  # two behind: the old row is gone
+    fresh = tag_row(one, 3, None, width)  # a value new in update 3: OOV before it
+    assert pick_row(fresh, width, 2) is None and pick_row(fresh, width, 3) == one
+    # Publishing update 2 again keeps what it replaced, not itself.
+    assert tag_row(two, 2, v2, width) == v2
+    for bad in (b"", one[:-1], one + b"\0", v2 + b"\0"):
+        with pytest.raises(ValueError, match="bytes"):
+            pick_row(bad, width, 9)
+    assert len(v2) == 2 * (width + TAG.size)
+
+
+# -- publishing
+
+
+async def test_an_update_moves_the_answers_of_touched_values_only(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    new = edited(tiny_checkpoint, tmp_path / "u1")
+    hit = touched(rows, tiny_checkpoint)
+    assert 40 < hit.sum() < len(rows) - 100
+    expected = Predictor(new).predict_rows(rows)
+    for hold_tables in (True, False):
+        async with make_client(
+            model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=hold_tables
+        ) as client:
+            before, version = await answers(client, rows)  # (every row cached)
+            assert version == tiny_checkpoint.version
+            r = connect(redis_settings(redis_server), 10)
+            try:
+                if hold_tables:
+                    update = await publish_update(r, tiny_checkpoint, new)
+                    assert update.version == f"{tiny_checkpoint.version}+u1"
+                    assert update.dense == {} and update.oov is None  # (they did not change)
+                    assert update.row_count == TOUCHED + len(ADDED)
+            finally:
+                await r.aclose()
+            described = await wait_for_update(client, 1)
+            assert described["checkpoint"] == new.version
+            assert described["parent"] == tiny_checkpoint.version
+            after, version = await answers(client, rows)
+            assert version == f"{tiny_checkpoint.version}+u1"
+            np.testing.assert_array_equal(after[~hit], before[~hit])  # byte-identical
+            assert not np.isclose(after[hit], before[hit]).any()
+            np.testing.assert_allclose(after, expected, rtol=0, atol=1e-6)
+            metrics = (await client.get("/metrics")).text
+            assert "ctr_model_updates_applied_total 1.0" in metrics
+            assert "ctr_model_update 1.0" in metrics
+
+
+async def test_a_replica_started_after_updates_catches_up_and_serves_the_last(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    day2: Path,
+    tmp_path: Path,
+) -> None:
+    """Two trained updates (dense weights move too): a replica that starts at the base
+    applies both, and answers as the last checkpoint does, from Redis rows and from its
+    tables alike."""
+    u1 = warm_started(tiny_checkpoint, day2, tmp_path / "u1")
+    u2 = edited(u1, tmp_path / "u2", shift=-0.3)
+    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
+        pass  # publishes the base
+    r = connect(redis_settings(redis_server), 10)
+    try:
+        first = await publish_update(r, tiny_checkpoint, u1)
+        assert first.dense and first.oov is not None
+        await publish_update(r, u1, u2)
+        # Not from the lineage's last checkpoint, or not from a published one: refused.
+        with pytest.raises(UpdateRefused, match="lineage is at update 2"):
+            await publish_update(r, tiny_checkpoint, u1)
+        with pytest.raises(UpdateRefused, match="neither a published version"):
+            await publish_update(r, edited(u2, tmp_path / "x"), u2)
+    finally:
+        await r.aclose()
+    expected = Predictor(u2).predict_rows(rows)
+    for hold_tables in (False, True):
+        async with make_client(
+            model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=hold_tables
+        ) as client:
+            await wait_for_update(client, 2)
+            got, version = await answers(client, rows)
+            assert version == f"{tiny_checkpoint.version}+u2"
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+            if hold_tables:  # Redis gone: the tables and the updates' rows held answer
+                redis_server.kill()
+                got, _ = await answers(client, rows)
+                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+async def test_a_malformed_update_changes_nothing_and_says_why(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    day2: Path,
+    tmp_path: Path,
+) -> None:
+    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
+        before, _ = await answers(client, rows)
+        with redis_server.client() as r:
+            keys_before = sorted(r.keys("*"))
+        # An unknown parent: trained from another checkpoint.
+        stranger = edited(edited(tiny_checkpoint, tmp_path / "a"), tmp_path / "b")
+        # Another embedding dimension: not a warm start of the served model.
+        other = tmp_path / "wide"
+        train_main(
+            ["--data", str(day2), "--out", str(other), "--epochs", "1", "--embed-dim", "4"]
+            + ["--quiet", "--created-at", "t"]
+        )
+        # Truncated rows: a checkpoint whose weights file lost its tail.
+        truncated = tmp_path / "truncated"
+        edited(tiny_checkpoint, truncated)
+        weights = truncated / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        cases = {
+            str(stranger.path): "was not trained from",
+            str(other): "rows of 5 floats, the base",
+            str(truncated): "weights",
+        }
+        for path, why in cases.items():
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "app.publish", "--update"]
+                + ["--from", str(tiny_checkpoint.path), "--to", path],
+                env={**os.environ, "CTR_REDIS_URL": redis_server.url},
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 1
+            assert why in done.stderr
+        with redis_server.client() as r:
+            assert sorted(r.keys("*")) == keys_before
+        after, version = await answers(client, rows)
+        assert version == tiny_checkpoint.version
+        np.testing.assert_array_equal(after, before)
+
+
+async def test_an_update_a_replica_cannot_follow_is_refused_whole(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """Defence in depth: an update in the stream that is malformed (here: rows one
+    float narrower than the model's) is refused by the replica, which keeps serving what
+    it served, and says why in /model and /metrics."""
+    new = edited(tiny_checkpoint, tmp_path / "u1")
+    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
+        before, _ = await answers(client, rows)
+        r = connect(redis_settings(redis_server), 10)
+        try:
+            update = await publish_update(r, tiny_checkpoint, new)
+        finally:
+            await r.aclose()
+        await wait_for_update(client, 1)
+        keys = UpdateKeys(tiny_checkpoint.version)
+        bad = replace(
+            update,
+            number=2,
+            parent=new.version,
+            rows=[rows_[:, :-1] for rows_ in update.rows],
+        )
+        with redis_server.client() as sync:
+            sync.set(keys.blob(2), bad.to_bytes())
+            sync.xadd(keys.stream, {"number": "2", "parent": new.version})
+        deadline = time.monotonic() + 20
+        while (await client.get("/model")).json()["update"]["refused"] is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        described = (await client.get("/model")).json()
+        assert "this model's are 9 float32 wide" in described["update"]["refused"]
+        assert described["model_version"] == f"{tiny_checkpoint.version}+u1"
+        after, version = await answers(client, rows)
+        assert version == f"{tiny_checkpoint.version}+u1"
+        np.testing.assert_allclose(after, Predictor(new).predict_rows(rows), rtol=0, atol=1e-6)
+        metrics = (await client.get("/metrics")).text
+        assert "ctr_model_updates_refused_total 1.0" in metrics
+    with pytest.raises(UpdateRefused, match="well-formed"):
+        Update.from_bytes(update.to_bytes()[:-10])
