@@ -49,9 +49,24 @@ class UpdateFollower:
         self._metrics = metrics
         self._keys = UpdateKeys(model.checkpoint.version)
         self._task: asyncio.Task[None] | None = None
+        self._last_id: bytes | str = "0-0"  # of the last stream entry taken
+
+    async def catch_up(self) -> None:
+        """Apply every update already published (before the model takes traffic: a
+        replica two or more updates behind cannot read every row exactly). Redis away
+        or an update refused: left to the follower's task (``start``)."""
+        try:
+            while await self._read(block=None):
+                pass
+        except UpdateRefused as exc:
+            self._refuse(exc)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("catching up with the updates of %s failed: %s", self._keys.base, exc)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="update-follower")
+        """Follow the stream from the last update applied, in a task of its own."""
+        if self._model.refused is None:
+            self._task = asyncio.create_task(self._run(), name="update-follower")
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -59,22 +74,25 @@ class UpdateFollower:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._client.aclose()
 
+    async def _read(self, block: int | None) -> bool:
+        """Read (waiting up to ``block`` ms for one) and apply the entries past the last
+        one applied; False when there were none."""
+        reply: list[Any] = await self._client.xread(  # type: ignore[assignment]
+            {self._keys.stream: self._last_id}, count=ENTRIES_PER_READ, block=block
+        )
+        entries = [entry for _, stream_entries in reply or () for entry in stream_entries]
+        for entry_id, fields in entries:
+            await self._take(decode_entry(fields))
+            self._last_id = entry_id
+        return bool(entries)
+
     async def _run(self) -> None:
-        last_id = "0-0"
         failing: str | None = None
         while True:
             try:
-                reply: list[Any] = await self._client.xread(  # type: ignore[assignment]
-                    {self._keys.stream: last_id}, count=ENTRIES_PER_READ, block=BLOCK_MS
-                )
-                for _, entries in reply or ():
-                    for entry_id, fields in entries:
-                        await self._take(decode_entry(fields))
-                        last_id = entry_id
+                await self._read(block=BLOCK_MS)
             except UpdateRefused as exc:
-                self._model.refused = str(exc)
-                self._metrics.updates_refused.inc()
-                log.error("update refused, serving %s until a reload: %s", self._model.version, exc)
+                self._refuse(exc)
                 return
             except (RedisError, OSError, TimeoutError) as exc:
                 if failing is None:
@@ -85,6 +103,11 @@ class UpdateFollower:
                 if failing is not None:
                     log.info("reading the updates of %s again", self._keys.base)
                     failing = None
+
+    def _refuse(self, exc: UpdateRefused) -> None:
+        self._model.refused = str(exc)
+        self._metrics.updates_refused.inc()
+        log.error("update refused, serving %s until a reload: %s", self._model.version, exc)
 
     async def _take(self, entry: dict[str, str]) -> None:
         number = int(entry["number"])

@@ -152,22 +152,22 @@ class Metrics:
         )
         self.update_number = Gauge(
             "ctr_model_update",
-            "the update of the base version served (0: the base itself; the lowest of "
-            "every worker)",
+            "the update of the base version served (0: the base itself; of the worker "
+            "that changed it last)",
             registry=r,
-            multiprocess_mode="livemin",
+            multiprocess_mode="livemostrecent",
         )
         self.published = Gauge(
             "ctr_model_published_timestamp_seconds",
             "when what is served (the base's checkpoint, or its last update applied) was "
-            "made: staleness is time() minus this (the oldest of every worker)",
+            "made: staleness is time() minus this (of the worker that changed it last)",
             registry=r,
-            multiprocess_mode="livemin",
+            multiprocess_mode="livemostrecent",
         )
         self.rows_ahead = Counter(
             "ctr_embedding_rows_ahead",
             "rows read from Redis newer than the update served, with no older part to use "
-            "(a replica two updates behind, catching up): used, not cached",
+            "(a replica two updates behind): from the held tables, else the newest, uncached",
             registry=r,
         )
         self.model_info = Gauge(

@@ -124,7 +124,6 @@ class Runtime:
         )
         self._closing = False
         self._follower: UpdateFollower | None = None
-        self._follow(model)
         self._reload_lock = asyncio.Lock()
         # Rows of the calls accepted and not answered yet, and the calls of each model
         # (by id) under way: a replaced model's store closes once it has none.
@@ -132,19 +131,26 @@ class Runtime:
         self._calls_of: collections.Counter[int] = collections.Counter()
         self._call_ended = asyncio.Condition()
 
-    def _follow(self, model: ServingModel) -> None:
-        """Apply the streamed updates of ``model``'s base version (redis store)."""
-        created = model.checkpoint.created_at
-        self.metrics.update_number.set(0)
-        if created:
-            self.metrics.published.set(datetime.fromisoformat(created).timestamp())
+    def _follower_of(self, model: ServingModel) -> UpdateFollower | None:
+        """What applies the streamed updates of ``model``'s base version (redis store),
+        not started yet."""
         settings = self.settings
         if settings.store != "redis" or not settings.follow_updates:
-            self._follower = None
-            return
+            return None
         client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
-        self._follower = UpdateFollower(model, client, self._batcher.between, self.metrics)
-        self._follower.start()
+        return UpdateFollower(model, client, self._batcher.between, self.metrics)
+
+    async def _follow(self, model: ServingModel) -> None:
+        """Catch ``model`` up with the updates published, then follow them."""
+        follower = self._follower_of(model)
+        created = model.checkpoint.created_at
+        if created and model.update is None:
+            self.metrics.published.set(datetime.fromisoformat(created).timestamp())
+        if follower is not None:
+            await follower.catch_up()
+            follower.start()
+        self.metrics.update_number.set(model.update_number)
+        self._follower = follower
 
     async def _unfollow(self) -> None:
         if self._follower is not None:
@@ -172,7 +178,9 @@ class Runtime:
             serving.store.state,
             threads,
         )
-        return cls(settings, metrics, serving, open_prediction_log(settings, metrics))
+        runtime = cls(settings, metrics, serving, open_prediction_log(settings, metrics))
+        await runtime._follow(serving)
+        return runtime
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
         """Load, verify, publish (redis store) and warm the checkpoint in ``directory``
@@ -255,8 +263,8 @@ class Runtime:
     async def _swap(self, new: ServingModel) -> tuple[str, str]:
         old = self.model
         await self._unfollow()  # (an update of the old base may not apply to the new)
+        await self._follow(new)  # (calls to the old model meanwhile: it is still served)
         self.model = new  # the swap: calls validated from now on use the new model
-        self._follow(new)
         await self._retire(old)
         self.metrics.serving(new.version, old.version)
         log.info("reloaded: serving %s from %s", new.version, new.checkpoint.path)

@@ -47,6 +47,14 @@ def generated_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def day2_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """New traffic for the models of ``generated_tsv``: the same fields, new values."""
+    path = tmp_path_factory.mktemp("day2") / "data.tsv"
+    generate(path, 8_000, replace(TINY_DATA, seed=8))
+    return path
+
+
 def trained(directory: Path, data: Path, config: TrainConfig) -> Checkpoint:
     """The checkpoint of ``config`` trained on ``data`` (a generated Criteo TSV)."""
     created_at = "2026-01-01T00:00:00+00:00"

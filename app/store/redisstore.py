@@ -382,7 +382,9 @@ class RedisStore(EmbeddingStore):
         self, present: list[int], packed: list[bytes], row_bytes: int, keys: list[Key]
     ) -> tuple[list[int], list[bytes], bool]:
         """Tagged rows as of the update this replica serves (``pick_row``): the rows an
-        update wrote before this replica applied it are not used yet."""
+        update wrote before this replica applied it are not used yet. A row whose every
+        part is newer (two updates behind) comes from the held tables, which are exact;
+        without them it is the newest row, not cached, and counted."""
         kept: list[int] = []
         rows: list[bytes] = []
         cacheable = True
@@ -391,9 +393,13 @@ class RedisStore(EmbeddingStore):
                 row = pick_row(value, row_bytes, self._applied)
             except ValueError as exc:
                 raise CorruptRow(f"{self._version}, {keys[i]}: {exc}") from None
-            if row is AHEAD:  # two updates behind: the newest, not cached (catching up)
+            if row is AHEAD:
                 self._metrics.rows_ahead.inc()
-                row, cacheable = value[:row_bytes], False
+                if self._tables is not None:
+                    held, absent = self._from_tables([keys[i]])
+                    row = None if absent[0] else held[0].astype(ROW_DTYPE).tobytes()
+                else:
+                    row, cacheable = value[:row_bytes], False
             if row is not None:
                 kept.append(i)
                 rows.append(row)

@@ -27,11 +27,9 @@ from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.data import criteo_json_rows
 from model.features import FeatureSpec, Field, Vocabulary
 from model.predict import Predictor
-from model.synthetic import generate
 from model.train import main as train_main
 from model.warmstart import extend_model
 from tests.app.conftest import ClientFactory
-from tests.conftest import TINY_DATA
 from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +50,8 @@ def edited(
     for f in spec.fields:
         if f.name == field:
             assert f.vocab is not None
-            f = Field(f.name, f.transform, f.stats, Vocabulary(f.vocab.values + ADDED))
+            new_values = tuple(v for v in ADDED if v not in set(f.vocab.values))
+            f = Field(f.name, f.transform, f.stats, Vocabulary(f.vocab.values + new_values))
         fields.append(f)
     grown = FeatureSpec(tuple(fields))
     model = extend_model(parent.build_model(), spec, grown)
@@ -63,9 +62,10 @@ def edited(
     with torch.no_grad():
         table = model.sparse_rows.weight
         table[start + 1 : start + 1 + TOUCHED] += shift
-        table[start + old_size : start + old_size + len(ADDED)] = torch.linspace(
-            -1, 1, len(ADDED) * table.shape[1]
-        ).reshape(len(ADDED), -1)
+        added = grown.vocab_sizes[j] - old_size
+        table[start + old_size : start + old_size + added] = torch.linspace(
+            -1, 1, added * table.shape[1]
+        ).reshape(added, table.shape[1])
     save_checkpoint(
         out,
         model,
@@ -85,18 +85,13 @@ def rows(generated_tsv: Path) -> list[dict[str, Any]]:
     return picked
 
 
-@pytest.fixture(scope="module")
-def day2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("day2") / "data.tsv"
-    generate(path, 8_000, replace(TINY_DATA, seed=8))
-    return path
-
-
 def warm_started(parent: Checkpoint, data: Path, out: Path) -> Checkpoint:
     """``python -m model.train --init-from parent`` on ``data``: new dense weights too."""
     train_main(
-        ["--data", str(data), "--init-from", str(parent.path), "--out", str(out), "--epochs", "1"]
-        + ["--min-count", "3", "--quiet", "--created-at", "2026-01-02T00:00:00+00:00"]
+        [
+            *("--data", str(data), "--init-from", str(parent.path), "--out", str(out)),
+            *("--epochs", "1", "--min-count", "3", "--quiet", "--created-at", "2026-01-02"),
+        ]
     )
     return load_checkpoint(out)
 
@@ -155,43 +150,43 @@ def test_a_replica_reads_each_row_as_of_the_update_it_serves() -> None:
 # -- publishing
 
 
+@pytest.mark.parametrize("hold_tables", [True, False])
 async def test_an_update_moves_the_answers_of_touched_values_only(
     make_client: ClientFactory,
     redis_server: RedisServer,
     tiny_checkpoint: Checkpoint,
     rows: list[dict[str, Any]],
     tmp_path: Path,
+    hold_tables: bool,
 ) -> None:
     new = edited(tiny_checkpoint, tmp_path / "u1")
     hit = touched(rows, tiny_checkpoint)
     assert 40 < hit.sum() < len(rows) - 100
     expected = Predictor(new).predict_rows(rows)
-    for hold_tables in (True, False):
-        async with make_client(
-            model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=hold_tables
-        ) as client:
-            before, version = await answers(client, rows)  # (every row cached)
-            assert version == tiny_checkpoint.version
-            r = connect(redis_settings(redis_server), 10)
-            try:
-                if hold_tables:
-                    update = await publish_update(r, tiny_checkpoint, new)
-                    assert update.version == f"{tiny_checkpoint.version}+u1"
-                    assert update.dense == {} and update.oov is None  # (they did not change)
-                    assert update.row_count == TOUCHED + len(ADDED)
-            finally:
-                await r.aclose()
-            described = await wait_for_update(client, 1)
-            assert described["checkpoint"] == new.version
-            assert described["parent"] == tiny_checkpoint.version
-            after, version = await answers(client, rows)
-            assert version == f"{tiny_checkpoint.version}+u1"
-            np.testing.assert_array_equal(after[~hit], before[~hit])  # byte-identical
-            assert not np.isclose(after[hit], before[hit]).any()
-            np.testing.assert_allclose(after, expected, rtol=0, atol=1e-6)
-            metrics = (await client.get("/metrics")).text
-            assert "ctr_model_updates_applied_total 1.0" in metrics
-            assert "ctr_model_update 1.0" in metrics
+    async with make_client(
+        model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=hold_tables
+    ) as client:
+        before, version = await answers(client, rows)  # (every row cached)
+        assert version == tiny_checkpoint.version
+        r = connect(redis_settings(redis_server), 10)
+        try:
+            update = await publish_update(r, tiny_checkpoint, new)
+        finally:
+            await r.aclose()
+        assert update.version == f"{tiny_checkpoint.version}+u1"
+        assert update.dense == {} and update.oov is None  # (they did not change)
+        assert update.row_count == TOUCHED + len(ADDED)
+        described = await wait_for_update(client, 1)
+        assert described["checkpoint"] == new.version
+        assert described["parent"] == tiny_checkpoint.version
+        after, version = await answers(client, rows)
+        assert version == f"{tiny_checkpoint.version}+u1"
+        np.testing.assert_array_equal(after[~hit], before[~hit])  # byte-identical
+        assert not np.isclose(after[hit], before[hit]).any()
+        np.testing.assert_allclose(after, expected, rtol=0, atol=1e-6)
+        metrics = (await client.get("/metrics")).text
+        assert "ctr_model_updates_applied_total 1.0" in metrics
+        assert "ctr_model_update 1.0" in metrics
 
 
 async def test_a_replica_started_after_updates_catches_up_and_serves_the_last(
@@ -199,13 +194,13 @@ async def test_a_replica_started_after_updates_catches_up_and_serves_the_last(
     redis_server: RedisServer,
     tiny_checkpoint: Checkpoint,
     rows: list[dict[str, Any]],
-    day2: Path,
+    day2_tsv: Path,
     tmp_path: Path,
 ) -> None:
     """Two trained updates (dense weights move too): a replica that starts at the base
     applies both, and answers as the last checkpoint does, from Redis rows and from its
     tables alike."""
-    u1 = warm_started(tiny_checkpoint, day2, tmp_path / "u1")
+    u1 = warm_started(tiny_checkpoint, day2_tsv, tmp_path / "u1")
     u2 = edited(u1, tmp_path / "u2", shift=-0.3)
     async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
         pass  # publishes the base
@@ -241,7 +236,7 @@ async def test_a_malformed_update_changes_nothing_and_says_why(
     redis_server: RedisServer,
     tiny_checkpoint: Checkpoint,
     rows: list[dict[str, Any]],
-    day2: Path,
+    day2_tsv: Path,
     tmp_path: Path,
 ) -> None:
     async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
@@ -253,8 +248,10 @@ async def test_a_malformed_update_changes_nothing_and_says_why(
         # Another embedding dimension: not a warm start of the served model.
         other = tmp_path / "wide"
         train_main(
-            ["--data", str(day2), "--out", str(other), "--epochs", "1", "--embed-dim", "4"]
-            + ["--quiet", "--created-at", "t"]
+            [
+                *("--data", str(day2_tsv), "--out", str(other), "--epochs", "1"),
+                *("--embed-dim", "4", "--quiet", "--created-at", "t"),
+            ]
         )
         # Truncated rows: a checkpoint whose weights file lost its tail.
         truncated = tmp_path / "truncated"
@@ -269,8 +266,10 @@ async def test_a_malformed_update_changes_nothing_and_says_why(
         for path, why in cases.items():
             done = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "app.publish", "--update"]
-                + ["--from", str(tiny_checkpoint.path), "--to", path],
+                [
+                    *(sys.executable, "-m", "app.publish", "--update"),
+                    *("--from", str(tiny_checkpoint.path), "--to", path),
+                ],
                 env={**os.environ, "CTR_REDIS_URL": redis_server.url},
                 capture_output=True,
                 text=True,
@@ -296,7 +295,7 @@ async def test_an_update_a_replica_cannot_follow_is_refused_whole(
     it served, and says why in /model and /metrics."""
     new = edited(tiny_checkpoint, tmp_path / "u1")
     async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
-        before, _ = await answers(client, rows)
+        await answers(client, rows)  # (cached rows, to be replaced)
         r = connect(redis_settings(redis_server), 10)
         try:
             update = await publish_update(r, tiny_checkpoint, new)
