@@ -19,8 +19,8 @@ import pytest
 from model.checkpoint import Checkpoint
 from model.data import criteo_json_rows
 from model.predict import Predictor
-from tests.app.test_updates import ADDED, EDITED_FIELD, edited, touched, warm_started
 from tests.app.test_redis_store import metric
+from tests.app.test_updates import ADDED, EDITED_FIELD, edited, touched, warm_started
 from tests.redis_servers import RedisServer
 from tests.server_process import start
 
