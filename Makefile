@@ -1,5 +1,5 @@
 # Shortcuts; each target runs a script that works without make too.
-.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-serve-profile bench-workers-memory bench-big-calls bench-rank bench-redis bench-predlog bench-freshness-quality bench-soak
+.PHONY: serve test test-engine lint model bench-quality bench-deepctr bench-fuxictr bench-memory bench-serve bench-serve-profile bench-workers-memory bench-big-calls bench-rank bench-redis bench-predlog bench-freshness-quality bench-updates bench-soak
 
 serve:
 	scripts/serve
@@ -54,6 +54,9 @@ bench-predlog:
 
 bench-freshness-quality:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.freshness_quality
+
+bench-updates:
+	scripts/bootstrap && .venv/bin/python -m benchmarks.updates
 
 bench-soak:
 	scripts/bootstrap && .venv/bin/python -m benchmarks.soak
