@@ -6,9 +6,10 @@ the worker thread, its model built, and then swapped in on the batcher's worker
 thread between two batches (``MicroBatcher.between``). Updates apply in order, each
 once. When Redis is away the follower retries from the last entry it applied, so a
 replica that was disconnected (or restarted: it starts from the base) catches up.
-One that finds the updates it needs trimmed from the stream jumps to the newest:
-its row cache is dropped, and (a warning says so) its held tables miss the rows
-of the updates it skipped until a reload. An update that does not follow what is
+One that finds the updates it needs trimmed from the stream jumps to the oldest
+update still there (then applies the rest in order): its row cache is dropped,
+and (a warning says so) its held tables miss the rows of the updates it skipped
+until a reload. An update that does not follow what is
 served, or is malformed, is refused: nothing of it is applied, and the replica
 stays where it is (``/model`` says why) until it is reloaded.
 """
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000  # one XREAD waits this long for an entry (the client's timeout is longer)
 RETRY_S = 0.5  # after a failed read
+MAX_RETRY_S = 30.0  # after failures that are no Redis error, backing off
 ENTRIES_PER_READ = 16
 
 Between = Callable[[Callable[[], object]], Awaitable[object]]
@@ -62,6 +64,8 @@ class UpdateFollower:
             self._refuse(exc)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("catching up with the updates of %s failed: %s", self._keys.base, exc)
+        except Exception:  # (a bug: the task retries; serving goes on)
+            log.exception("catching up with the updates of %s failed", self._keys.base)
 
     def start(self) -> None:
         """Follow the stream from the last update applied, in a task of its own."""
@@ -88,6 +92,7 @@ class UpdateFollower:
 
     async def _run(self) -> None:
         failing: str | None = None
+        delay = RETRY_S
         while True:
             try:
                 await self._read(block=BLOCK_MS)
@@ -99,7 +104,13 @@ class UpdateFollower:
                     log.warning("reading the updates of %s failed: %s", self._keys.base, exc)
                 failing = type(exc).__name__
                 await asyncio.sleep(RETRY_S)
+            except Exception:  # a bug: said, and tried again later (never a silent end)
+                log.exception("following the updates of %s failed", self._keys.base)
+                failing = "bug"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_S)
             else:
+                delay = RETRY_S
                 if failing is not None:
                     log.info("reading the updates of %s again", self._keys.base)
                     failing = None
@@ -110,21 +121,24 @@ class UpdateFollower:
         log.error("update refused, serving %s until a reload: %s", self._model.version, exc)
 
     async def _take(self, entry: dict[str, str]) -> None:
-        number = int(entry["number"])
+        try:
+            number = int(entry["number"])
+        except (KeyError, ValueError) as exc:
+            raise UpdateRefused(f"a stream entry without an update number: {entry}") from exc
         served = self._model.update_number
         if number <= served:
             return
         jump = number > served + 1  # the ones between were trimmed from the stream
         blob = await self._client.get(self._keys.blob(number))
-        if not isinstance(blob, bytes):  # trimmed since the entry was read: the next entry jumps
-            log.warning("update %d of %s is gone from Redis", number, self._keys.base)
-            return
+        if not isinstance(blob, bytes):
+            first = await self._client.xrange(self._keys.stream, count=1)
+            if first and int(decode_entry(first[0][1] or {})["number"]) > number:
+                return  # trimmed since it was read: the next entry jumps
+            raise UpdateRefused(f"update {number} is announced, but its blob is gone from Redis")
         update = await asyncio.to_thread(Update.from_bytes, blob)
         self._model.check_update(update, jump)
-        model = await asyncio.to_thread(self._model.prepare_update, update)
-        previous = self._model.version
-        await self._between(lambda: self._model.apply_update(update, model, jump))
-        self._metrics.serving(update.version, previous)
+        prepared = await asyncio.to_thread(self._model.prepare_update, update)
+        await self._between(lambda: self._model.apply_update(update, prepared, jump))
         self._metrics.updates_applied.inc()
         self._metrics.update_number.set(number)
         self._metrics.published.set(datetime.fromisoformat(update.published_at).timestamp())

@@ -172,7 +172,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "ctr_model_info",
-            "the loaded model (value 1; 0: one served before a reload)",
+            "the loaded model's base version (value 1; 0: one served before a reload); "
+            "ctr_model_update names the streamed update of it served",
             ["version"],
             registry=r,
             multiprocess_mode="livemax",

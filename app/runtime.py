@@ -37,6 +37,7 @@ from model.deepfm import DeepFM
 log = logging.getLogger(__name__)
 
 REDIS_SOCKET_TIMEOUT_S = 10.0
+CHUNKED_ATTEMPTS = 3  # a call of several chunks, scored again when an update split it
 
 
 class Call(NamedTuple):
@@ -124,6 +125,7 @@ class Runtime:
         )
         self._closing = False
         self._follower: UpdateFollower | None = None
+        self._pending: UpdateFollower | None = None  # a reload's, until its swap
         self._reload_lock = asyncio.Lock()
         # Rows of the calls accepted and not answered yet, and the calls of each model
         # (by id) under way: a replaced model's store closes once it has none.
@@ -140,17 +142,27 @@ class Runtime:
         client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
         return UpdateFollower(model, client, self._batcher.between, self.metrics)
 
-    async def _follow(self, model: ServingModel) -> None:
-        """Catch ``model`` up with the updates published, then follow them."""
+    async def _caught_up(self, model: ServingModel) -> UpdateFollower | None:
+        """A follower of ``model``'s updates, those already published applied (before
+        the model takes traffic), not started."""
         follower = self._follower_of(model)
+        if follower is not None:
+            try:
+                await follower.catch_up()
+            except BaseException:
+                await asyncio.shield(follower.aclose())
+                raise
+        return follower
+
+    def _follow(self, model: ServingModel, follower: UpdateFollower | None) -> None:
+        """Serve ``model``'s updates as they come (``follower``: ``_caught_up``)."""
         created = model.checkpoint.created_at
         if created and model.update is None:
             self.metrics.published.set(datetime.fromisoformat(created).timestamp())
-        if follower is not None:
-            await follower.catch_up()
-            follower.start()
         self.metrics.update_number.set(model.update_number)
         self._follower = follower
+        if follower is not None:
+            follower.start()
 
     async def _unfollow(self) -> None:
         if self._follower is not None:
@@ -179,7 +191,11 @@ class Runtime:
             threads,
         )
         runtime = cls(settings, metrics, serving, open_prediction_log(settings, metrics))
-        await runtime._follow(serving)
+        try:
+            runtime._follow(serving, await runtime._caught_up(serving))
+        except BaseException:
+            await asyncio.shield(runtime.close())
+            raise
         return runtime
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
@@ -222,9 +238,15 @@ class Runtime:
     async def discard(self, new: ServingModel) -> None:
         """Drop a model ``load`` returned, keep serving the current one (see ``load``)."""
         try:
+            await self._drop_pending()
             await new.store.aclose()
         finally:
             self._reload_lock.release()
+
+    async def _drop_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending.aclose()
 
     async def _load(self, source: Path | Prepared) -> ServingModel:
         """The checkpoint of ``source`` (a directory, or one the supervisor verified) as a
@@ -258,15 +280,21 @@ class Runtime:
             await new.store.aclose()
             log.error("reload refused, still serving %s: %s", old.version, refusal)
             raise NotReady(f"{refusal}; still serving {old.version}")
+        try:  # the updates already published, applied before the swap
+            self._pending = await self._caught_up(new)
+        except BaseException:
+            await asyncio.shield(new.store.aclose())
+            raise
         return new
 
     async def _swap(self, new: ServingModel) -> tuple[str, str]:
         old = self.model
         await self._unfollow()  # (an update of the old base may not apply to the new)
-        await self._follow(new)  # (calls to the old model meanwhile: it is still served)
         self.model = new  # the swap: calls validated from now on use the new model
+        pending, self._pending = self._pending, None
+        self._follow(new, pending)
         await self._retire(old)
-        self.metrics.serving(new.version, old.version)
+        self.metrics.serving(new.checkpoint.version, old.checkpoint.version)
         log.info("reloaded: serving %s from %s", new.version, new.checkpoint.path)
         return new.version, old.version
 
@@ -313,10 +341,19 @@ class Runtime:
             chunk = self.settings.chunk_rows
             if rows <= chunk:
                 return await self._submit(Call(model, instances, explain, context))
-            parts = [
-                await self._submit(Call(model, instances[start : start + chunk], explain, context))
-                for start in range(0, rows, chunk)
-            ]
+            for _ in range(CHUNKED_ATTEMPTS):
+                parts = [
+                    await self._submit(
+                        Call(model, instances[start : start + chunk], explain, context)
+                    )
+                    for start in range(0, rows, chunk)
+                ]
+                # A streamed update applied between two chunks: the call is scored again,
+                # so that one update computed all of it (and its answer names that one).
+                if len({version for _, version, _ in parts}) == 1:
+                    break
+            else:
+                raise NotReady("the model was updated during every attempt; retry")
         finally:
             self._queued_rows -= rows
             self._calls_of[id(model)] -= 1
@@ -383,6 +420,7 @@ class Runtime:
             pass
         try:
             await self._unfollow()
+            await self._drop_pending()
             await self._batcher.close()
             await self.model.store.aclose()
         finally:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,13 @@ from model.deepfm import DeepFM, Split
 
 SPLITS_KEPT = 64  # distinct context field sets whose split is kept
 Explained = dict[str, Any]  # one row's explanation (app.schemas.Explanation)
+
+
+class PreparedUpdate(NamedTuple):
+    """An update made ready off the worker thread (``ServingModel.prepare_update``)."""
+
+    model: DeepFM
+    rows: list[dict[str, Any]]
 
 
 class ServingModel:
@@ -224,9 +231,13 @@ class ServingModel:
         except Exception as exc:
             raise UpdateRefused(f"update {update.number}: its calibration: {exc}") from exc
 
-    def prepare_update(self, update: Update) -> DeepFM:
-        """The model ``update`` switches to (``check_update`` first): built off the worker
-        thread, around the same tables, so that ``apply_update`` only swaps it in."""
+    def prepare_update(self, update: Update) -> PreparedUpdate:
+        """What ``update`` switches to (``check_update`` first), built off the worker
+        thread so that ``apply_update`` only swaps it in: the model, around the same
+        tables, and the rows per field."""
+        return PreparedUpdate(self._model_of(update), update.row_maps())
+
+    def _model_of(self, update: Update) -> DeepFM:
         if not update.dense:
             return self._model
         current = self._model
@@ -235,12 +246,12 @@ class ServingModel:
         model.load_state_dict(dict(update.dense), strict=False, assign=True)
         return model.eval()
 
-    def apply_update(self, update: Update, model: DeepFM, jump: bool = False) -> None:
+    def apply_update(self, update: Update, prepared: PreparedUpdate, jump: bool = False) -> None:
         """Serve ``update`` (on the batcher's worker thread, between batches: no batch sees
         two updates' weights): the rows to the store, the dense weights and calibration
         swapped, every answer from now named by the update."""
-        self.store.apply_update(update, jump)
-        self._model = model
+        self.store.apply_update(update, jump, prepared.rows)
+        self._model = prepared.model
         self.calibration = Calibration.from_json(update.calibration)
         self.update, self.applied_at = update, time.time()
         self.version = update.version

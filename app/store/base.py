@@ -43,7 +43,9 @@ class EmbeddingStore(ABC):
         """While degraded: what went wrong last (for /readyz)."""
         return None
 
-    def apply_update(self, update: Update, jump: bool = False) -> None:
+    def apply_update(
+        self, update: Update, jump: bool = False, rows: list[dict[str, Any]] | None = None
+    ) -> None:
         """Serve a streamed update's rows (``app.store.updates``); on the worker thread."""
         raise NotImplementedError(f"the {self.backend} store takes no streamed updates")
 

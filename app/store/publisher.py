@@ -52,6 +52,7 @@ from app.store.updates import (
     entry_fields,
     lineage_key,
     tag_row,
+    untag_row,
 )
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.features import value_key
@@ -65,6 +66,10 @@ UPDATES_KEPT = 1000  # the updates a lineage's stream keeps for replicas to catc
 
 class PublishFailed(Exception):
     """Writing a version's rows failed (its cause says why); nothing was marked complete."""
+
+
+class MissingHash(Exception):
+    """A partition hash an update would write to is gone from Redis."""
 
 
 async def publish(
@@ -110,11 +115,16 @@ async def publish(
             )
             await client.delete(layout.manifest_key)
             expected["partitions"] = layout.partitions
+            only: set[str] | None = set(gone)  # the others keep their rows and updates
+        else:
+            only = None
         started = time.perf_counter()
         try:
             full = checkpoint if tables is None else await asyncio.to_thread(tables)
-            await _write_rows(client, full, layout, lock)
+            await _write_rows(client, full, layout, lock, only)
             del full
+            written = set(layout.partition_keys(fields)) if only is None else only
+            await _replay_updates(client, layout, written)
             expected["published_at"] = datetime.now(UTC).isoformat(timespec="seconds")
             await client.set(layout.manifest_key, orjson.dumps(expected))
         except Exception as exc:
@@ -134,12 +144,22 @@ async def publish(
 
 
 async def _write_rows(
-    client: RedisClient, checkpoint: Checkpoint, layout: Layout, lock: Any
+    client: RedisClient,
+    checkpoint: Checkpoint,
+    layout: Layout,
+    lock: Any,
+    only: set[str] | None = None,
 ) -> None:
+    """Every row (of the partition hashes in ``only``, when given) and the sentinels."""
+    targets = [
+        key
+        for key in layout.partition_keys(len(checkpoint.features.embedded_fields))
+        if only is None or key in only
+    ]
     pipe = client.pipeline(transaction=False)
-    for key in layout.partition_keys(len(checkpoint.features.embedded_fields)):
+    for key in targets:
         pipe.hset(key, SENTINEL, b"1")
-    pending = len(layout.partition_keys(len(checkpoint.features.embedded_fields)))
+    pending = len(targets)
     for j, f in enumerate(checkpoint.features.embedded_fields):
         rows = checkpoint.table_rows(j)[1:].numpy().astype(ROW_DTYPE)
         # Reading the values (a server holds the vocabulary index, not them) and packing
@@ -148,6 +168,8 @@ async def _write_rows(
         partitioned = await asyncio.to_thread(_partitions, layout, j, vocab.values, rows)
         del rows, vocab
         for key, mapping in partitioned.items():
+            if only is not None and key not in only:
+                continue
             values = list(mapping.items())
             for start in range(0, len(values), 1000):
                 pipe.hset(key, mapping=dict(values[start : start + 1000]))
@@ -181,19 +203,11 @@ async def publish_update(
     ``old`` must be a published base version or the checkpoint of its lineage's last
     update. Raises UpdateRefused (nothing written) when it is not, or when ``new`` is
     no warm start of ``old``; PublishFailed when writing fails midway (the rows written
-    are tagged with an update no replica applies until it is announced).
+    are tagged with an update no replica applies until it is announced, and a retry
+    first takes back those its update does not write again). Publishing an update
+    that is already the lineage's last returns it again.
     """
-    found = await client.get(lineage_key(old.version))
-    if found is not None:
-        base, previous = decode_entry({"lineage": found})["lineage"].split()
-        number = int(previous) + 1
-    elif await read_manifest(client, old.version) is not None:
-        base, number = old.version, 1
-    else:
-        raise UpdateRefused(
-            f"{old.version} is neither a published version nor a published update: publish "
-            "it first (python -m app.publish), or update from the lineage's last checkpoint"
-        )
+    base, number = await _lineage_of(client, old)
     keys = UpdateKeys(base)
     base_manifest = await read_manifest(client, base)
     if base_manifest is None:
@@ -204,32 +218,39 @@ async def publish_update(
             f"{base_manifest['row_floats']}"
         )
     layout = Layout(base, int(base_manifest["partitions"]))
+    started = time.perf_counter()
+    published_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    update = await asyncio.to_thread(diff, base, number, old, new, published_at)
+    blob = await asyncio.to_thread(update.to_bytes)
     lock = client.lock(keys.lock, timeout=LOCK_TTL_S, blocking=True, thread_local=False)
     if not await lock.acquire(blocking_timeout=LOCK_TTL_S):
         raise UpdateRefused(f"another update of {base} is being published")
     try:
-        last = await client.xrevrange(keys.stream, count=1)
-        head = int(decode_entry(last[0][1] or {})["number"]) if last else 0
+        head, head_checkpoint = await _head(client, keys)
+        if head == number and head_checkpoint == new.version:
+            log.info("update %d of %s is %s already", number, base, new.version)
+            return update
         if head != number - 1:
             raise UpdateRefused(
                 f"{old.version} is update {number - 1} of {base}, but the lineage is at "
                 f"update {head}: update from its last checkpoint"
             )
-        started = time.perf_counter()
-        update = await asyncio.to_thread(
-            diff, base, number, old, new, datetime.now(UTC).isoformat(timespec="milliseconds")
-        )
-        blob = await asyncio.to_thread(update.to_bytes)
         try:
+            failed = await client.get(keys.blob(number))  # an attempt never announced
+            if isinstance(failed, bytes):
+                await _take_back(client, layout, Update.from_bytes(failed), update)
             await client.set(keys.blob(number), blob)
             await _write_update_rows(client, layout, update, lock)
-            await client.xadd(keys.stream, entry_fields(update, len(blob)))  # type: ignore[arg-type]
             await client.set(lineage_key(new.version), f"{base} {number}")
-            if number > kept:  # the stream and its blobs keep the last ``kept`` updates
-                await client.xtrim(keys.stream, maxlen=kept)
-                await client.delete(keys.blob(number - kept))
+            await client.xadd(keys.stream, entry_fields(update, len(blob)))  # type: ignore[arg-type]
         except Exception as exc:
             raise PublishFailed(f"update {number} of {base}: {type(exc).__name__}: {exc}") from exc
+        if number > kept:  # the stream and its blobs keep the last ``kept`` updates
+            try:
+                await client.xtrim(keys.stream, maxlen=kept)
+                await client.delete(keys.blob(number - kept))
+            except RedisError as exc:  # (published all the same)
+                log.warning("trimming the updates of %s failed: %s", base, exc)
     finally:
         with contextlib.suppress(LockError):
             await lock.release()
@@ -245,26 +266,117 @@ async def publish_update(
     return update
 
 
+async def _lineage_of(client: RedisClient, old: Checkpoint) -> tuple[str, int]:
+    """(base, next update number) of the lineage ``old`` is the last checkpoint of."""
+    found = await client.get(lineage_key(old.version))
+    if found is not None:
+        base, previous = decode_entry({"lineage": found})["lineage"].split()
+        return base, int(previous) + 1
+    if await read_manifest(client, old.version) is not None:
+        return old.version, 1
+    raise UpdateRefused(
+        f"{old.version} is neither a published version nor a published update: publish "
+        "it first (python -m app.publish), or update from the lineage's last checkpoint"
+    )
+
+
+async def _head(client: RedisClient, keys: UpdateKeys) -> tuple[int, str | None]:
+    """The number and checkpoint of the lineage's last update announced (0: none)."""
+    last = await client.xrevrange(keys.stream, count=1)
+    if not last:
+        return 0, None
+    entry = decode_entry(last[0][1] or {})
+    return int(entry["number"]), entry.get("checkpoint")
+
+
+async def _take_back(client: RedisClient, layout: Layout, failed: Update, update: Update) -> None:
+    """Undo the rows an unannounced attempt at this update wrote that ``update`` does
+    not write again (those it does, ``tag_row`` writes over the same old value)."""
+    row_bytes = (update.rows[0].shape[1] if update.rows else 0) * ROW_DTYPE.itemsize
+    for j, field_keys in enumerate(failed.keys):
+        again = set(update.keys[j]) if j < len(update.keys) else set()
+        stale = [key for key in field_keys if key not in again]
+        if not stale:
+            continue
+        hashes = [layout.hash_key(j, key) for key in stale]
+        pipe = client.pipeline(transaction=False)
+        for hash_key, key in zip(hashes, stale, strict=True):
+            pipe.hget(hash_key, key)
+        current = await pipe.execute()
+        pipe = client.pipeline(transaction=False)
+        for hash_key, key, value in zip(hashes, stale, current, strict=True):
+            if value is None:
+                continue
+            before = untag_row(value, failed.number, row_bytes)
+            if before is None:
+                pipe.hdel(hash_key, key)
+            elif before != value:
+                pipe.hset(hash_key, key, before)
+        await pipe.execute()
+
+
+async def _replay_updates(client: RedisClient, layout: Layout, written: set[str]) -> None:
+    """Write the lineage's updates again into partition hashes just written from the
+    checkpoint (a node that lost them, a manifest gone): in order, from their blobs."""
+    keys = UpdateKeys(layout.version)
+    entries = await client.xrange(keys.stream)
+    for _, fields in entries or ():
+        number = int(decode_entry(fields or {})["number"])
+        blob = await client.get(keys.blob(number))
+        if not isinstance(blob, bytes):
+            log.error(
+                "update %d of %s is gone from Redis: its rows cannot be written again; "
+                "replicas serving its lineage need a reload",
+                number,
+                layout.version,
+            )
+            return
+        update = Update.from_bytes(blob)
+        await _write_update_rows(client, layout, update, None, written)
+        log.warning("wrote update %d of %s again into the rewritten hashes", number, layout.version)
+
+
 async def _write_update_rows(
-    client: RedisClient, layout: Layout, update: Update, lock: Any
+    client: RedisClient,
+    layout: Layout,
+    update: Update,
+    lock: Any,
+    only: set[str] | None = None,
 ) -> None:
-    """Each changed or new row into its base hash, tagged over the value it replaces."""
+    """Each changed or new row (of the hashes in ``only``, when given) into its base
+    hash, tagged over the value it replaces: per round trip, one HMGET of the values
+    the hashes hold now (and their sentinel: a hash gone is not written), then one
+    HSET of their tagged successors (a value whole in one command: never torn)."""
     row_bytes = (update.rows[0].shape[1] if update.rows else 0) * ROW_DTYPE.itemsize
     for j, field_keys in enumerate(update.keys):
-        rows = update.rows[j].astype(ROW_DTYPE, copy=False)
+        packed = update.rows[j].astype(ROW_DTYPE, copy=False).tobytes()
         for start in range(0, len(field_keys), WRITE_BATCH_ROWS):
-            chunk = field_keys[start : start + WRITE_BATCH_ROWS]
-            hashes = [layout.hash_key(j, key) for key in chunk]
+            groups: dict[str, list[int]] = {}
+            for i in range(start, min(start + WRITE_BATCH_ROWS, len(field_keys))):
+                hash_key = layout.hash_key(j, field_keys[i])
+                if only is None or hash_key in only:
+                    groups.setdefault(hash_key, []).append(i)
             pipe = client.pipeline(transaction=False)
-            for hash_key, key in zip(hashes, chunk, strict=True):
-                pipe.hget(hash_key, key)
+            for hash_key, members in groups.items():
+                pipe.hmget(hash_key, [SENTINEL, *(field_keys[i] for i in members)])
             current = await pipe.execute()
             pipe = client.pipeline(transaction=False)
-            for i, (hash_key, key) in enumerate(zip(hashes, chunk, strict=True)):
-                row = rows[start + i].tobytes()
-                pipe.hset(hash_key, key, tag_row(row, update.number, current[i], row_bytes))
+            for (hash_key, members), held in zip(groups.items(), current, strict=True):
+                if held[0] is None:
+                    raise MissingHash(
+                        f"the hash {hash_key} of {layout.version} is gone: publish the "
+                        "base again (python -m app.publish), then retry"
+                    )
+                mapping = {
+                    field_keys[i]: tag_row(
+                        packed[i * row_bytes : (i + 1) * row_bytes], update.number, old, row_bytes
+                    )
+                    for i, old in zip(members, held[1:], strict=True)
+                }
+                pipe.hset(hash_key, mapping=mapping)  # type: ignore[arg-type]
             await pipe.execute()
-            await lock.reacquire()
+            if lock is not None:
+                await lock.reacquire()
 
 
 async def _main(settings: Settings, model_dir: str | None) -> int:

@@ -306,7 +306,7 @@ class RedisStore(EmbeddingStore):
         layout = self._layout
         if self._failure is None and layout is not None:
             try:
-                rows, absent, cacheable = self._from_redis(layout, keys)
+                rows, absent, ahead = self._from_redis(layout, keys)
             except MissingVersion as exc:
                 self._degrade("missing_version", str(exc), _cause(exc))
             except TimeoutError as exc:  # a read, or the whole round trip, past the budget
@@ -316,7 +316,10 @@ class RedisStore(EmbeddingStore):
                 log.debug("redis lookup failed", exc_info=True)
                 self._degrade("unavailable", f"{type(exc).__name__}: {exc}", _cause(exc))
             else:
-                if cacheable:
+                if ahead:  # (not cached: the newest rows, not this update's)
+                    kept = [i for i in range(len(keys)) if i not in ahead]
+                    self._cache.insert([keys[i] for i in kept], rows[kept], absent[kept])
+                else:
                     self._cache.insert(keys, rows, absent)
                 return rows
         self._fallbacks[self._failure or "unavailable"].inc()
@@ -329,9 +332,9 @@ class RedisStore(EmbeddingStore):
 
     def _from_redis(
         self, layout: Layout, keys: list[Key]
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], bool]:
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], set[int]]:
         """The rows of ``keys`` in Redis as of the update served, which of them are
-        absent (OOV), and whether they may be cached."""
+        absent (OOV), and which are newer than it (not to be cached)."""
         groups: dict[str, list[int]] = {}
         for i, (j, value) in enumerate(keys):
             groups.setdefault(layout.hash_key(j, value), []).append(i)
@@ -363,11 +366,11 @@ class RedisStore(EmbeddingStore):
                 if value is not None:
                     present.append(i)
                     packed.append(value)
-        cacheable = True
+        ahead: set[int] = set()
         row_bytes = self._width * ROW_DTYPE.itemsize
         blob = b"".join(packed)
         if len(blob) != len(packed) * row_bytes:  # rows written by updates: tagged
-            present, packed, cacheable = self._as_served(present, packed, row_bytes, keys)
+            present, packed, ahead = self._as_served(present, packed, row_bytes, keys)
             blob = b"".join(packed)
         self._lookups["redis"].inc(len(keys))
         self._hits["redis"].inc(len(present))
@@ -376,18 +379,18 @@ class RedisStore(EmbeddingStore):
             rows[present] = np.frombuffer(blob, dtype=ROW_DTYPE).reshape(-1, self._width)
         absent = np.ones(len(keys), dtype=bool)
         absent[present] = False
-        return rows, absent, cacheable
+        return rows, absent, ahead
 
     def _as_served(
         self, present: list[int], packed: list[bytes], row_bytes: int, keys: list[Key]
-    ) -> tuple[list[int], list[bytes], bool]:
+    ) -> tuple[list[int], list[bytes], set[int]]:
         """Tagged rows as of the update this replica serves (``pick_row``): the rows an
         update wrote before this replica applied it are not used yet. A row whose every
         part is newer (two updates behind) comes from the held tables, which are exact;
         without them it is the newest row, not cached, and counted."""
         kept: list[int] = []
         rows: list[bytes] = []
-        cacheable = True
+        ahead: set[int] = set()
         for i, value in zip(present, packed, strict=True):
             try:
                 row = pick_row(value, row_bytes, self._applied)
@@ -399,11 +402,12 @@ class RedisStore(EmbeddingStore):
                     held, absent = self._from_tables([keys[i]])
                     row = None if absent[0] else held[0].astype(ROW_DTYPE).tobytes()
                 else:
-                    row, cacheable = value[:row_bytes], False
+                    row = value[:row_bytes]
+                    ahead.add(i)
             if row is not None:
                 kept.append(i)
                 rows.append(row)
-        return kept, rows, cacheable
+        return kept, rows, ahead
 
     def _from_tables(
         self, keys: list[Key]
@@ -428,21 +432,23 @@ class RedisStore(EmbeddingStore):
 
     # -- updates (on the worker thread, between batches: see ServingModel.apply_update)
 
-    def apply_update(self, update: Update, jump: bool = False) -> None:
+    def apply_update(
+        self, update: Update, jump: bool = False, rows: list[dict[str, Any]] | None = None
+    ) -> None:
         """Serve ``update``'s rows: cached rows replaced, OOV rows swapped, the held
-        tables' overlay extended. ``jump``: updates before it were missed (the stream
-        was trimmed): the cache is dropped, and the held tables miss those rows."""
+        tables' overlay extended (by ``rows``: ``update.row_maps()``, made before).
+        ``jump``: updates before it were missed (the stream was trimmed): the cache is
+        dropped, and the held tables miss those rows."""
         if jump:
             self._cache.clear()
         if update.oov is not None:
             self._oov = update.oov.astype(np.float32)
             self._cache.set_oov(self._oov)
-        for j, values, rows in keys_by_field(update):
-            self._cache.replace(j, values, rows)
-            if self._tables is not None:
-                overlay = self._overlay[j]
-                for value, row in zip(values, rows, strict=True):
-                    overlay[value] = row
+        for j, values, field_rows in keys_by_field(update):
+            self._cache.replace(j, values, field_rows)
+        if self._tables is not None:
+            for overlay, changed in zip(self._overlay, rows or update.row_maps(), strict=True):
+                overlay.update(changed)
         self._applied = update.number
 
 

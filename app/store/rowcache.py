@@ -50,6 +50,7 @@ class RowCache:
         self._owner: list[Key | None] = [None] * capacity
         self._referenced = np.zeros(capacity + fields, dtype=bool)
         self._absent = np.zeros(capacity, dtype=bool)  # holds a copy of an OOV row
+        self._field = np.zeros(capacity, dtype=np.int64)  # of the value a slot holds
         self._used = 0
         self._hand = 0
 
@@ -89,6 +90,7 @@ class RowCache:
             owner[slot] = key
         self._rows[targets] = rows
         self._absent[targets] = absent
+        self._field[targets] = [field for field, _ in keys]
 
     def clear(self) -> None:
         """Forget every cached row (the OOV rows stay)."""
@@ -111,10 +113,8 @@ class RowCache:
     def set_oov(self, oov_rows: FloatRows) -> None:
         """New OOV rows: in the pinned slots, and in every cached copy of one."""
         self._rows[self.capacity :] = oov_rows
-        for slot in np.flatnonzero(self._absent).tolist():
-            owner = self._owner[slot]
-            assert owner is not None
-            self._rows[slot] = oov_rows[owner[0]]
+        copies = np.flatnonzero(self._absent)
+        self._rows[copies] = oov_rows[self._field[copies]]
 
     def _take(self, count: int) -> list[int]:
         """``count`` (< capacity) slots: free ones first, then by the CLOCK hand."""

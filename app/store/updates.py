@@ -34,6 +34,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,14 @@ class Update:
     def version(self) -> str:
         return served_version(self.base, self.number)
 
+    def row_maps(self) -> list[dict[str, FloatRows]]:
+        """Per field, value key -> its row (a copy of its own): for a store to merge in
+        one step on the worker thread, built before."""
+        return [
+            dict(zip(keys, rows.copy(), strict=True))
+            for keys, rows in zip(self.keys, self.rows, strict=True)
+        ]
+
     @property
     def row_count(self) -> int:
         return sum(len(keys) for keys in self.keys)
@@ -138,6 +147,7 @@ class Update:
                 for name, t in tensors.items()
                 if name.startswith("dense.")
             }
+            datetime.fromisoformat(str(header["published_at"]))  # (a time, or refused)
             update = cls(
                 str(header["base"]),
                 int(header["number"]),
@@ -239,6 +249,18 @@ def tag_row(row: bytes, number: int, current: bytes | None, row_bytes: int) -> b
         else:
             current = current[:row_bytes] + TAG.pack(tag)
     return row + TAG.pack(number) + (current or b"")
+
+
+def untag_row(value: bytes, number: int, row_bytes: int) -> bytes | None:
+    """The value before update ``number`` wrote ``value`` (None: absent), or ``value``
+    itself when ``number`` did not write it. A previous part of its own update keeps
+    its tag; a base row none."""
+    if _tag(value, row_bytes) != number:
+        return value
+    previous = _previous(value, row_bytes)
+    if previous is None or _tag(previous, row_bytes) == 0:
+        return previous if previous is None else previous[:row_bytes]
+    return previous
 
 
 def _tag(value: bytes, row_bytes: int) -> int:

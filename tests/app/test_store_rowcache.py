@@ -72,3 +72,23 @@ def test_more_rows_than_capacity_keeps_the_last() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         RowCache(capacity=0, oov_rows=OOV)
+
+
+def test_an_update_rewrites_the_cached_rows_it_changed_and_the_oov_copies() -> None:
+    cache = RowCache(capacity=8, oov_rows=OOV)
+    absent = np.array([False, True, False, True])
+    cache.insert([(0, "a"), (0, "gone"), (1, "b"), (1, "new")], rows(1, -1, 3, -2), absent)
+    cache.insert([(0, "c")], rows(5))  # (a row after them: the slots are not in order)
+    assert cache.replace(1, ["new", "b", "uncached"], rows(7, 8, 9)) == 2
+    assert lookup(cache, 1, "uncached") == [MISS]  # not cached by an update
+    fresh = np.array([[10.0, 10.0], [20.0, 20.0]], dtype=np.float32)
+    cache.set_oov(fresh)
+    got = cache.rows(cache.slots(0, ["a", "gone", NOT_A_KEY, "c"]))
+    np.testing.assert_array_equal(got, [[1, 1.5], [10, 10], [10, 10], [5, 5.5]])
+    # "new" got a row of its own: no longer an OOV copy, so new OOV rows leave it be.
+    np.testing.assert_array_equal(
+        cache.rows(cache.slots(1, ["new", "b", NOT_A_KEY])), [[7, 7.5], [8, 8.5], [20, 20]]
+    )
+    cache.clear()
+    assert len(cache) == 0 and lookup(cache, 0, "a") == [MISS]
+    np.testing.assert_array_equal(cache.rows(cache.slots(1, [NOT_A_KEY])), fresh[1:])

@@ -21,11 +21,21 @@ import torch
 
 from app.config import Settings
 from app.store.client import connect
-from app.store.publisher import publish_update
-from app.store.updates import AHEAD, TAG, Update, UpdateKeys, UpdateRefused, pick_row, tag_row
+from app.store.layout import Layout
+from app.store.publisher import PublishFailed, publish_update
+from app.store.updates import (
+    AHEAD,
+    TAG,
+    Update,
+    UpdateKeys,
+    UpdateRefused,
+    pick_row,
+    tag_row,
+    untag_row,
+)
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.data import criteo_json_rows
-from model.features import FeatureSpec, Field, Vocabulary
+from model.features import FeatureSpec, Field, Vocabulary, value_key
 from model.predict import Predictor
 from model.train import main as train_main
 from model.warmstart import extend_model
@@ -326,3 +336,97 @@ async def test_an_update_a_replica_cannot_follow_is_refused_whole(
         assert "ctr_model_updates_refused_total 1.0" in metrics
     with pytest.raises(UpdateRefused, match="well-formed"):
         Update.from_bytes(update.to_bytes()[:-10])
+
+
+def test_untag_row_gives_back_what_an_update_replaced() -> None:
+    width = 8
+    base, one, two = (bytes([i]) * width for i in (1, 2, 3))
+    v1 = tag_row(one, 1, base, width)
+    assert untag_row(v1, 1, width) == base  # a base row again: untagged
+    assert untag_row(v1, 2, width) == v1  # update 2 did not write it
+    v2 = tag_row(two, 2, v1, width)
+    assert untag_row(v2, 2, width) == one + TAG.pack(1)
+    assert untag_row(tag_row(two, 2, None, width), 2, width) is None  # it was absent
+
+
+async def test_a_failed_publish_is_taken_back_by_the_next_attempt_and_a_repeat_is_harmless(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attempt that wrote its rows and died before announcing them (here: at the
+    XADD) leaves rows tagged with an update no replica applies; the next attempt, of
+    another checkpoint, takes back those it does not write again."""
+    first = edited(tiny_checkpoint, tmp_path / "first", field="C4")
+    second = edited(tiny_checkpoint, tmp_path / "second")
+    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
+        before, _ = await answers(client, rows)
+        r = connect(redis_settings(redis_server), 10)
+        try:
+
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                raise ConnectionError("Redis went away")
+
+            with monkeypatch.context() as patch:
+                patch.setattr(type(r), "xadd", broken)
+                with pytest.raises(PublishFailed, match="Redis went away"):
+                    await publish_update(r, tiny_checkpoint, first)
+            # Its rows are there, tagged 1, but nobody serves update 1: answers unmoved.
+            got, version = await answers(client, rows)
+            assert version == tiny_checkpoint.version
+            np.testing.assert_array_equal(got, before)
+            await publish_update(r, tiny_checkpoint, second)
+            again = await publish_update(r, tiny_checkpoint, second)  # (a repeat)
+            assert again.number == 1
+        finally:
+            await r.aclose()
+        await wait_for_update(client, 1)
+        got, version = await answers(client, rows)
+        assert version == f"{tiny_checkpoint.version}+u1"
+        np.testing.assert_allclose(got, Predictor(second).predict_rows(rows), rtol=0, atol=1e-6)
+    # C4's rows are base rows again (untagged), whoever reads them.
+    layout_partitions = 64
+    c4 = [f.name for f in tiny_checkpoint.features.embedded_fields].index("C4")
+    values = tiny_checkpoint.vocabulary("C4").values[:TOUCHED]
+    with redis_server.client() as sync:
+        for value in values:
+            key = Layout(tiny_checkpoint.version, layout_partitions).hash_key(c4, value_key(value))
+            assert len(sync.hget(key, value_key(value))) == 9 * 4
+    async with make_client(
+        model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=False
+    ) as fresh:
+        got, _ = await answers(fresh, rows)
+        np.testing.assert_allclose(got, Predictor(second).predict_rows(rows), rtol=0, atol=1e-6)
+
+
+async def test_a_lost_hash_is_published_again_with_the_updates_it_held(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    new = edited(tiny_checkpoint, tmp_path / "u1")
+    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
+        pass  # publishes the base
+    r = connect(redis_settings(redis_server), 10)
+    try:
+        await publish_update(r, tiny_checkpoint, new)
+    finally:
+        await r.aclose()
+    j = [f.name for f in tiny_checkpoint.features.embedded_fields].index(EDITED_FIELD)
+    layout = Layout(tiny_checkpoint.version, 64)
+    lost = {layout.hash_key(j, value_key(v)) for v in ADDED}
+    with redis_server.client() as sync:
+        sync.delete(*lost)  # a node that restarted empty
+    # A replica finds the hashes gone, publishes them again, and with them update 1.
+    async with make_client(
+        model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=False
+    ) as client:
+        await wait_for_update(client, 1)
+        got, version = await answers(client, rows)
+        assert version == f"{tiny_checkpoint.version}+u1"
+        np.testing.assert_allclose(got, Predictor(new).predict_rows(rows), rtol=0, atol=1e-6)
