@@ -267,13 +267,15 @@ async def publish_update(
 
 
 async def _lineage_of(client: RedisClient, old: Checkpoint) -> tuple[str, int]:
-    """(base, next update number) of the lineage ``old`` is the last checkpoint of."""
+    """(base, next update number) of the lineage ``old`` is the last checkpoint of: its
+    own when it is published as a base version (even if it was an update of another
+    before: replicas serving it follow its own), else the one it is an update of."""
+    if await read_manifest(client, old.version) is not None:
+        return old.version, 1
     found = await client.get(lineage_key(old.version))
     if found is not None:
         base, previous = decode_entry({"lineage": found})["lineage"].split()
         return base, int(previous) + 1
-    if await read_manifest(client, old.version) is not None:
-        return old.version, 1
     raise UpdateRefused(
         f"{old.version} is neither a published version nor a published update: publish "
         "it first (python -m app.publish), or update from the lineage's last checkpoint"

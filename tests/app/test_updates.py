@@ -119,14 +119,16 @@ async def answers(client: httpx.AsyncClient, rows: list[dict[str, Any]]) -> tupl
 
 
 async def wait_for_update(
-    client: httpx.AsyncClient, number: int, timeout: float = 20
+    client: httpx.AsyncClient, number: int, timeout: float = 60
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         update: dict[str, Any] | None = (await client.get("/model")).json()["update"]
         if update is not None and update["number"] >= number:
             return update
-        assert time.monotonic() < deadline, f"update {number} was not applied: {update}"
+        if time.monotonic() > deadline:
+            ready = (await client.get("/readyz")).json()
+            raise AssertionError(f"update {number} was not applied: {update}; {ready}")
         await asyncio.sleep(0.02)
 
 
