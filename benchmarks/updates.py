@@ -13,8 +13,9 @@ random, dense weights nudged (the replicas swap them too). Measured, in one run:
   with its version, over ``--latency-updates`` updates of 1,000 rows (p50, p99);
   target p99 <= 1 s;
 - /predict req/s of one replica (wrk, 64 connections, the Zipf bodies of
-  benchmarks.redis_tier) during an update of 100,000 rows, against a run without
-  one, alternating, ``--repeats`` times (medians); target >= 0.9x;
+  benchmarks.redis_tier) while updates of 100,000 rows follow one another for the
+  whole run, against a run without any, alternating, ``--repeats`` times (medians);
+  target >= 0.9x;
 - the bytes and the time of an update of 1% of the rows against the full publish.
 
 Everything shares one 2-core machine: wrk, Redis, both replicas and the publisher
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import subprocess
@@ -116,8 +118,35 @@ class Lineage:
         self.work = work
         self.settings = settings
 
-    def make(self, rows: int) -> Checkpoint:
-        return child(self.head, self.work / f"u{self.number + 1}", rows, seed=self.number)
+    def make(self, rows: int, count: int = 1) -> list[Checkpoint]:
+        """The next ``count`` updates' checkpoints, each from the one before."""
+        made: list[Checkpoint] = []
+        for i in range(count):
+            parent = made[-1] if made else self.head
+            number = self.number + 1 + i
+            made.append(child(parent, self.work / f"u{number}", rows, seed=number))
+        return made
+
+    def publish_niced(self, new: Checkpoint) -> None:
+        """Publish ``new`` as the next update with ``python -m app.publish --update`` at
+        the lowest CPU priority: as a publisher on a machine of its own would leave the
+        replicas' cores to them (as far as one machine can show it)."""
+        assert self.settings.redis_url is not None
+        subprocess.run(
+            [
+                *("nice", "-n", "19", sys.executable, "-m", "app.publish", "--update"),
+                *("--from", str(self.head.path), "--to", str(new.path)),
+            ],
+            env={**os.environ, "CTR_REDIS_URL": self.settings.redis_url.get_secret_value()},
+            check=True,
+            capture_output=True,
+        )
+        self._advance(new)
+
+    def _advance(self, new: Checkpoint) -> None:
+        if self.head is not self.base:  # (its successor is published: no longer needed)
+            shutil.rmtree(self.head.path)
+        self.head, self.number = new, self.number + 1
 
     def publish(self, new: Checkpoint) -> tuple[float, int, int]:
         """Publish ``new`` as the next update: (seconds, update rows, blob bytes)."""
@@ -133,9 +162,7 @@ class Lineage:
         started = time.perf_counter()
         rows, size = asyncio.run(run())
         took = time.perf_counter() - started
-        if self.head is not self.base:  # (its successor is published: no longer needed)
-            shutil.rmtree(self.head.path)
-        self.head, self.number = new, self.number + 1
+        self._advance(new)
         return took, rows, size
 
     @property
@@ -187,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # An update of 1% of the rows: its bytes (Redis' growth: the blob and the tagged
         # rows) and its time, against the full publish.
-        share = lineage.make(int(SHARE * table_rows))
+        (share,) = lineage.make(int(SHARE * table_rows))
         before = redis_bytes(redis_server.url)
         share_s, share_rows, share_blob = lineage.publish(share)
         share_bytes = redis_bytes(redis_server.url) - before
@@ -198,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         latencies: list[float] = []
         lags: list[float] = []
         for _ in range(args.latency_updates):
-            new = lineage.make(LATENCY_ROWS)
+            (new,) = lineage.make(LATENCY_ROWS)
             t0 = time.perf_counter()
             took, _, _ = lineage.publish(new)
             served = until_served(replicas, lineage.version)
@@ -206,38 +233,59 @@ def main(argv: list[str] | None = None) -> None:
             lags.append(served - t0 - took)
         print(f"publish to served: {[round(x, 3) for x in latencies]}")
 
-        # req/s of one replica during a 100,000-row update, against none.
+        # req/s of one replica while 100,000-row updates follow one another for the
+        # whole run, against a run without any.
         wrk(replicas[0].url, "/predict", bodies, CONNECTIONS, 3)  # warm-up
         quiet: list[dict[str, float]] = []
-        busy: list[dict[str, float]] = []
-        busy_publish: list[float] = []
+        busy: dict[str, list[dict[str, float]]] = {"same": [], "niced": []}
+        busy_publish: dict[str, list[float]] = {"same": [], "niced": []}
+        covered: dict[str, list[float]] = {"same": [], "niced": []}
         for _ in range(args.repeats):
             quiet.append(wrk(replicas[0].url, "/predict", bodies, CONNECTIONS, args.duration))
-            new = lineage.make(LOAD_ROWS)
-            result: dict[str, dict[str, float]] = {}
+            for how in ("same", "niced"):
+                chain = lineage.make(LOAD_ROWS, count=args.duration + 2)  # (more than needed)
+                result: dict[str, dict[str, float]] = {}
 
-            def load(into: dict[str, dict[str, float]] = result) -> None:
-                into["run"] = wrk(replicas[0].url, "/predict", bodies, CONNECTIONS, args.duration)
+                def load(into: dict[str, dict[str, float]] = result) -> None:
+                    into["run"] = wrk(
+                        replicas[0].url, "/predict", bodies, CONNECTIONS, args.duration
+                    )
 
-            run = threading.Thread(target=load)
-            run.start()
-            time.sleep(1.0)
-            t0 = time.perf_counter()
-            lineage.publish(new)
-            until_served(replicas, lineage.version)
-            busy_publish.append(time.perf_counter() - t0)
-            run.join()
-            busy.append(result["run"])
-            print(f"quiet {quiet[-1]}  during an update {busy[-1]}")
+                run = threading.Thread(target=load)
+                began = time.perf_counter()
+                run.start()
+                for new in chain:
+                    t0 = time.perf_counter()
+                    if how == "same":
+                        lineage.publish(new)
+                    else:
+                        lineage.publish_niced(new)
+                    until_served(replicas, lineage.version)
+                    busy_publish[how].append(time.perf_counter() - t0)
+                    if not run.is_alive():
+                        break
+                covered[how].append(min(1.0, (time.perf_counter() - began) / args.duration))
+                run.join()
+                for unused in chain[chain.index(new) + 1 :]:
+                    shutil.rmtree(unused.path)
+                busy[how].append(result["run"])
+                print(
+                    f"quiet {quiet[-1]}  updates ({how}) {busy[how][-1]} ({covered[how][-1]:.2f})"
+                )
 
     p50 = statistics.median(latencies)
     p99 = float(np.percentile(latencies, 99))
     quiet_rps = statistics.median(r["rps"] for r in quiet)
-    busy_rps = statistics.median(r["rps"] for r in busy)
-    ratio = busy_rps / quiet_rps
+    busy_rps = {how: statistics.median(r["rps"] for r in runs) for how, runs in busy.items()}
+    ratio = {how: rps / quiet_rps for how, rps in busy_rps.items()}
     targets = {
         "publish_to_served_p99_s": report.target(p99, "<= 1.0", p99 <= 1.0),
-        "rps_during_100k_update_ratio": report.target(ratio, ">= 0.9", ratio >= 0.9),
+        "rps_during_100k_updates_ratio": report.target(
+            ratio["same"], ">= 0.9", ratio["same"] >= 0.9
+        ),
+        "rps_during_100k_updates_ratio_publisher_niced": report.target(
+            ratio["niced"], ">= 0.9", ratio["niced"] >= 0.9
+        ),
     }
     figures: dict[str, Any] = {
         "rows": table_rows,
@@ -254,9 +302,10 @@ def main(argv: list[str] | None = None) -> None:
         "quiet": quiet,
         "during_update": busy,
         "update_publish_to_served_s": busy_publish,
+        "run_share_under_updates": covered,
         "targets": targets,
     }
-    errors = sum(r["errors"] for r in quiet + busy)
+    errors = sum(r["errors"] for r in quiet + busy["same"] + busy["niced"])
     lines = [
         "# Streamed updates",
         "",
@@ -280,11 +329,24 @@ def main(argv: list[str] | None = None) -> None:
         f"(median of {args.repeats}) | req/s | p99 ms |",
         "|---|---|---|",
         f"| no update | {quiet_rps:,.0f} | {statistics.median(r['p99_ms'] for r in quiet):.1f} |",
-        f"| during an update of {LOAD_ROWS:,} rows | {busy_rps:,.0f} | "
-        f"{statistics.median(r['p99_ms'] for r in busy):.1f} |",
+        *(
+            f"| during updates of {LOAD_ROWS:,} rows, one after another, {label} | "
+            f"{busy_rps[how]:,.0f} ({ratio[how]:.2f}x) | "
+            f"{statistics.median(r['p99_ms'] for r in busy[how]):.1f} |"
+            for how, label in (
+                ("same", "published in the benchmark's process"),
+                ("niced", "published by `nice -n 19 python -m app.publish --update`"),
+            )
+        ),
         "",
         f"Errors in every run: {errors:.0f}. The {LOAD_ROWS:,}-row updates took "
-        f"{', '.join(f'{x:.2f}' for x in busy_publish)} s from publish to served on both.",
+        f"{statistics.median(busy_publish['same']):.2f} s in process and "
+        f"{statistics.median(busy_publish['niced']):.2f} s niced (CLI: it loads both "
+        "checkpoints), from publish to served on both replicas (medians); every run with "
+        "updates was under them from its start to its end (shares "
+        f"{', '.join(f'{c:.2f}' for c in covered['same'] + covered['niced'])}). The "
+        "publisher shares the 2 cores with wrk and the replicas; in production it runs on "
+        "a machine of its own, which the niced run stands in for as far as one machine can.",
         "",
         "| | rows | seconds | bytes in Redis |",
         "|---|---|---|---|",
