@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     )
     follow_updates: bool = Field(
         True,
-        description="redis store: apply the streamed updates of the base version served "
-        "(python -m app.publish --update), without a reload",
+        description="with redis_url set (either store): apply the streamed updates of the "
+        "base version served (python -m app.publish --update), without a reload",
     )
     batch_max: PositiveInt = Field(256, description="most /predict calls in one forward pass")
     max_instances: PositiveInt = Field(10_000, description="most rows in one /predict_many")

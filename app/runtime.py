@@ -137,7 +137,7 @@ class Runtime:
         """What applies the streamed updates of ``model``'s base version (redis store),
         not started yet."""
         settings = self.settings
-        if settings.store != "redis" or not settings.follow_updates:
+        if settings.redis_url is None or not settings.follow_updates:
             return None
         client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
         return UpdateFollower(model, client, self._batcher.between, self.metrics)

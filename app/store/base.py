@@ -57,13 +57,19 @@ class EmbeddingStore(ABC):
 
 
 class MemoryStore(EmbeddingStore):
-    """Every row from the checkpoint tables held in this process."""
+    """Every row from the checkpoint tables held in this process, and (with
+    ``CTR_REDIS_URL`` set) the rows and OOV rows of the streamed updates applied,
+    over them: the tables are never written."""
 
     backend = "memory"
 
     def __init__(self, features: FeatureSpec, model: DeepFM, metrics: Metrics) -> None:
         self._features = features
         self._model = model
+        # The rows updates changed or brought, per field (value key -> row), and the
+        # OOV rows of the last update that brought some.
+        self._overlay: list[dict[str, Any]] = [{} for _ in features.embedded_fields]
+        self._new_oov: torch.Tensor | None = None
         self._lookups = metrics.lookups.labels("tables")
         self._hits = metrics.hits.labels("tables")
         self._oov = metrics.oov
@@ -80,7 +86,33 @@ class MemoryStore(EmbeddingStore):
         self._hits.inc(ids.size - missing - oov)
         self._oov.inc(oov)
         with torch.inference_mode():
-            return self._model.gather(torch.from_numpy(ids)), keyed.dense
+            gathered = self._model.gather(torch.from_numpy(ids))
+            if self._new_oov is not None or any(self._overlay):
+                self._updated(gathered, ids, keyed.columns)
+        return gathered, keyed.dense
+
+    def _updated(
+        self, gathered: torch.Tensor, ids: npt.NDArray[np.int64], columns: Sequence[Sequence[str]]
+    ) -> None:
+        """The updates' rows over the tables' in ``gathered`` (in place): the new OOV
+        rows at index 0, then the rows of the values updates changed or brought."""
+        if self._new_oov is not None:
+            oov = torch.from_numpy(ids == 0)
+            gathered[oov] = self._new_oov.expand(len(ids), -1, -1)[oov]
+        for j, overlay in enumerate(self._overlay):
+            if overlay:
+                for i, key in enumerate(columns[j]):
+                    row = overlay.get(key)
+                    if row is not None:
+                        gathered[i, j] = torch.from_numpy(row)
+
+    def apply_update(
+        self, update: Update, jump: bool = False, rows: list[dict[str, Any]] | None = None
+    ) -> None:
+        if update.oov is not None:
+            self._new_oov = torch.from_numpy(update.oov.astype(np.float32))
+        for overlay, changed in zip(self._overlay, rows or update.row_maps(), strict=True):
+            overlay.update(changed)
 
     @property
     def state(self) -> StoreState:

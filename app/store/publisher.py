@@ -247,7 +247,7 @@ async def publish_update(
             raise PublishFailed(f"update {number} of {base}: {type(exc).__name__}: {exc}") from exc
         if number > kept:  # the stream and its blobs keep the last ``kept`` updates
             try:
-                await client.xtrim(keys.stream, maxlen=kept)
+                await client.xtrim(keys.stream, maxlen=kept, approximate=False)
                 await client.delete(keys.blob(number - kept))
             except RedisError as exc:  # (published all the same)
                 log.warning("trimming the updates of %s failed: %s", base, exc)

@@ -229,15 +229,20 @@ async def test_a_replica_started_after_updates_catches_up_and_serves_the_last(
     finally:
         await r.aclose()
     expected = Predictor(u2).predict_rows(rows)
-    for hold_tables in (False, True):
+    # Redis mode without tables; memory mode (the tables in process, updates over them);
+    # redis mode with the tables held, whose fallback must answer the same.
+    for store, hold_tables in (("redis", False), ("memory", True), ("redis", True)):
         async with make_client(
-            model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=hold_tables
+            model_dir=tiny_checkpoint.path,
+            redis_url=redis_server.url,
+            embedding_store=store,
+            hold_tables=hold_tables,
         ) as client:
             await wait_for_update(client, 2)
             got, version = await answers(client, rows)
             assert version == f"{tiny_checkpoint.version}+u2"
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-            if hold_tables:  # Redis gone: the tables and the updates' rows held answer
+            if store == "redis" and hold_tables:  # Redis gone: the tables and updates answer
                 redis_server.kill()
                 got, _ = await answers(client, rows)
                 np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -432,3 +437,37 @@ async def test_a_lost_hash_is_published_again_with_the_updates_it_held(
         got, version = await answers(client, rows)
         assert version == f"{tiny_checkpoint.version}+u1"
         np.testing.assert_allclose(got, Predictor(new).predict_rows(rows), rtol=0, atol=1e-6)
+
+
+async def test_a_replica_that_finds_its_updates_trimmed_jumps_to_those_kept(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    day2_tsv: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stream keeps the last update only: a replica starting at the base takes it
+    (its dense weights and OOV rows whole) and reads every row Redis holds as of it."""
+    u1 = warm_started(tiny_checkpoint, day2_tsv, tmp_path / "u1")
+    u2 = edited(u1, tmp_path / "u2")
+    u3 = warm_started(u2, day2_tsv, tmp_path / "u3")
+    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
+        pass  # publishes the base
+    r = connect(redis_settings(redis_server), 10)
+    try:
+        for old, new in ((tiny_checkpoint, u1), (u1, u2), (u2, u3)):
+            await publish_update(r, old, new, kept=1)
+        assert await r.xlen(UpdateKeys(tiny_checkpoint.version).stream) == 1
+    finally:
+        await r.aclose()
+    async with make_client(
+        model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=False
+    ) as client:
+        described = await wait_for_update(client, 3)
+        assert described["checkpoint"] == u3.version
+        got, version = await answers(client, rows)
+        assert version == f"{tiny_checkpoint.version}+u3"
+        np.testing.assert_allclose(got, Predictor(u3).predict_rows(rows), rtol=0, atol=1e-6)
+    assert "were trimmed from the stream" in caplog.text
