@@ -43,11 +43,12 @@ class EmbeddingStore(ABC):
         """While degraded: what went wrong last (for /readyz)."""
         return None
 
+    @abstractmethod
     def apply_update(
         self, update: Update, jump: bool = False, rows: list[dict[str, Any]] | None = None
     ) -> None:
-        """Serve a streamed update's rows (``app.store.updates``); on the worker thread."""
-        raise NotImplementedError(f"the {self.backend} store takes no streamed updates")
+        """Serve a streamed update's rows (``app.store.updates``): on the worker thread,
+        between batches. ``rows``: ``update.row_maps()``, made off it."""
 
     async def start(self) -> None:  # noqa: B027 (a store with nothing to start)
         """Connect (on the event loop); the default store has nothing to connect to."""

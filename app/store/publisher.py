@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -381,50 +382,47 @@ async def _write_update_rows(
                 await lock.reacquire()
 
 
-async def _main(settings: Settings, model_dir: str | None) -> int:
+async def _run(
+    settings: Settings,
+    directories: list[str],
+    job: Callable[[RedisClient, list[Checkpoint]], Awaitable[str]],
+) -> int:
+    """The CLI's frame around ``job``: the checkpoints loaded, a client, every failure
+    said in one line and turned into the exit code; ``job``'s answer printed."""
     if settings.redis_url is None:
         log.error("CTR_REDIS_URL is not set: nowhere to publish")
         return 2
     try:
-        checkpoint = await asyncio.to_thread(load_checkpoint, model_dir or settings.model_dir)
-    except CheckpointError as exc:
-        log.error("%s", exc)
-        return 1
-    client = connect(settings, timeout_s=30.0)
-    try:
-        wrote = await publish(client, checkpoint, settings.redis_partitions)
-    except (RedisError, OSError, PublishFailed, ValueError) as exc:
-        # Redis unreachable or refusing, a write failing midway (nothing marked complete),
-        # or a published manifest that disagrees with this checkpoint.
-        log.error("publishing %s failed: %s", checkpoint.version, exc)
-        return 1
-    finally:
-        await client.aclose()
-    print(f"{checkpoint.version}: {'published' if wrote else 'already published'}")  # noqa: T201
-    return 0
-
-
-async def _update_main(settings: Settings, old_dir: str, new_dir: str) -> int:
-    if settings.redis_url is None:
-        log.error("CTR_REDIS_URL is not set: nowhere to publish")
-        return 2
-    try:
-        old, new = await asyncio.gather(
-            asyncio.to_thread(load_checkpoint, old_dir), asyncio.to_thread(load_checkpoint, new_dir)
+        checkpoints = await asyncio.gather(
+            *(asyncio.to_thread(load_checkpoint, directory) for directory in directories)
         )
     except CheckpointError as exc:
         log.error("%s", exc)
         return 1
     client = connect(settings, timeout_s=30.0)
     try:
-        update = await publish_update(client, old, new)
-    except (RedisError, OSError, PublishFailed, UpdateRefused) as exc:
-        log.error("publishing the update to %s failed: %s", new.version, exc)
+        print(await job(client, checkpoints))  # noqa: T201
+    except (RedisError, OSError, PublishFailed, UpdateRefused, ValueError) as exc:
+        # Redis unreachable or refusing, a write failing midway (nothing marked complete
+        # or announced), a published manifest that disagrees with the checkpoint, or an
+        # update that does not follow the lineage.
+        log.error("publishing %s failed: %s", checkpoints[-1].version, exc)
         return 1
     finally:
         await client.aclose()
-    print(f"{new.version}: published as {update.version} ({update.row_count} rows)")  # noqa: T201
     return 0
+
+
+async def _publish_job(client: RedisClient, checkpoints: list[Checkpoint], partitions: int) -> str:
+    (checkpoint,) = checkpoints
+    wrote = await publish(client, checkpoint, partitions)
+    return f"{checkpoint.version}: {'published' if wrote else 'already published'}"
+
+
+async def _update_job(client: RedisClient, checkpoints: list[Checkpoint]) -> str:
+    old, new = checkpoints
+    update = await publish_update(client, old, new)
+    return f"{new.version}: published as {update.version} ({update.row_count} rows)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,13 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", dest="new", metavar="NEW", help="trained with --init-from OLD")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = Settings()
     if args.update:
         if args.old is None or args.new is None or args.model_dir is not None:
             parser.error("--update takes --from OLD and --to NEW (and no --model-dir)")
-        return asyncio.run(_update_main(Settings(), args.old, args.new))
+        return asyncio.run(_run(settings, [args.old, args.new], _update_job))
     if args.old is not None or args.new is not None:
         parser.error("--from and --to go with --update")
-    return asyncio.run(_main(Settings(), args.model_dir))
+    job = functools.partial(_publish_job, partitions=settings.redis_partitions)
+    return asyncio.run(_run(settings, [args.model_dir or str(settings.model_dir)], job))
 
 
 if __name__ == "__main__":
