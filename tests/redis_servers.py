@@ -186,7 +186,8 @@ class RedisCluster:
 
 class SlowProxy:
     """A TCP proxy in front of a server that holds each reply back ``delay`` seconds: a
-    Redis that answers, but slowly. Runs on the test's event loop."""
+    Redis that answers, but slowly; ``cut`` and ``restore`` the link: a network
+    partition. Runs on the test's event loop."""
 
     def __init__(self, target_port: int, delay: float) -> None:
         self.target_port = target_port
@@ -194,6 +195,7 @@ class SlowProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
+        self.down = False
 
     @property
     def url(self) -> str:
@@ -204,7 +206,20 @@ class SlowProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones until ``restore``."""
+        self.down = True
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.down = False
+
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.close()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers += [writer, up_writer]
         await asyncio.gather(

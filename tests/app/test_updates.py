@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,9 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.store.client import connect
+from app.store.client import RedisClient, connect
 from app.store.layout import Layout
-from app.store.publisher import PublishFailed, publish_update
+from app.store.publisher import PublishFailed, publish, publish_update
 from app.store.updates import (
     AHEAD,
     TAG,
@@ -40,13 +42,14 @@ from model.predict import Predictor
 from model.train import main as train_main
 from model.warmstart import extend_model
 from tests.app.conftest import ClientFactory
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, SlowProxy, free_port
 
 pytestmark = pytest.mark.anyio
 
 EDITED_FIELD = "C3"
 TOUCHED = 20  # of the field's values, the first TOUCHED get new rows
 ADDED = ("fresh-value-1", "fresh-value-2")
+PARTITIONS: int = Settings.model_fields["redis_partitions"].default  # (CTR_REDIS_PARTITIONS)
 
 
 def edited(
@@ -132,8 +135,28 @@ async def wait_for_update(
         await asyncio.sleep(0.02)
 
 
-def redis_settings(redis_server: RedisServer) -> Settings:
-    return Settings(redis_url=redis_server.url)
+async def assert_served(
+    client: httpx.AsyncClient, rows: list[dict[str, Any]], model: Checkpoint, version: str
+) -> None:
+    """The replica answers ``rows`` as the offline ``model`` does, named ``version``."""
+    got, served = await answers(client, rows)
+    assert served == version
+    np.testing.assert_allclose(got, Predictor(model).predict_rows(rows), rtol=0, atol=1e-6)
+
+
+@asynccontextmanager
+async def publisher(
+    redis_server: RedisServer, base: Checkpoint | None = None
+) -> AsyncIterator[RedisClient]:
+    """A client of the test's Redis as ``python -m app.publish`` has one; ``base``
+    published first (as the first replica to serve it would)."""
+    client = connect(Settings(redis_url=redis_server.url), 10)
+    try:
+        if base is not None:
+            await publish(client, base, PARTITIONS)
+        yield client
+    finally:
+        await client.aclose()
 
 
 # -- the row format
@@ -180,11 +203,8 @@ async def test_an_update_moves_the_answers_of_touched_values_only(
     ) as client:
         before, version = await answers(client, rows)  # (every row cached)
         assert version == tiny_checkpoint.version
-        r = connect(redis_settings(redis_server), 10)
-        try:
+        async with publisher(redis_server) as r:
             update = await publish_update(r, tiny_checkpoint, new)
-        finally:
-            await r.aclose()
         assert update.version == f"{tiny_checkpoint.version}+u1"
         assert update.dense == {} and update.oov is None  # (they did not change)
         assert update.row_count == TOUCHED + len(ADDED)
@@ -214,10 +234,7 @@ async def test_a_replica_started_after_updates_catches_up_and_serves_the_last(
     tables alike."""
     u1 = warm_started(tiny_checkpoint, day2_tsv, tmp_path / "u1")
     u2 = edited(u1, tmp_path / "u2", shift=-0.3)
-    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
-        pass  # publishes the base
-    r = connect(redis_settings(redis_server), 10)
-    try:
+    async with publisher(redis_server, tiny_checkpoint) as r:
         first = await publish_update(r, tiny_checkpoint, u1)
         assert first.dense and first.oov is not None
         await publish_update(r, u1, u2)
@@ -226,8 +243,6 @@ async def test_a_replica_started_after_updates_catches_up_and_serves_the_last(
             await publish_update(r, tiny_checkpoint, u1)
         with pytest.raises(UpdateRefused, match="neither a published version"):
             await publish_update(r, edited(u2, tmp_path / "x"), u2)
-    finally:
-        await r.aclose()
     expected = Predictor(u2).predict_rows(rows)
     # Redis mode without tables; memory mode (the tables in process, updates over them);
     # redis mode with the tables held, whose fallback must answer the same.
@@ -313,11 +328,8 @@ async def test_an_update_a_replica_cannot_follow_is_refused_whole(
     new = edited(tiny_checkpoint, tmp_path / "u1")
     async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
         await answers(client, rows)  # (cached rows, to be replaced)
-        r = connect(redis_settings(redis_server), 10)
-        try:
+        async with publisher(redis_server) as r:
             update = await publish_update(r, tiny_checkpoint, new)
-        finally:
-            await r.aclose()
         await wait_for_update(client, 1)
         keys = UpdateKeys(tiny_checkpoint.version)
         bad = replace(
@@ -371,8 +383,7 @@ async def test_a_failed_publish_is_taken_back_by_the_next_attempt_and_a_repeat_i
     second = edited(tiny_checkpoint, tmp_path / "second")
     async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url) as client:
         before, _ = await answers(client, rows)
-        r = connect(redis_settings(redis_server), 10)
-        try:
+        async with publisher(redis_server) as r:
 
             async def broken(*args: Any, **kwargs: Any) -> Any:
                 raise ConnectionError("Redis went away")
@@ -388,19 +399,14 @@ async def test_a_failed_publish_is_taken_back_by_the_next_attempt_and_a_repeat_i
             await publish_update(r, tiny_checkpoint, second)
             again = await publish_update(r, tiny_checkpoint, second)  # (a repeat)
             assert again.number == 1
-        finally:
-            await r.aclose()
         await wait_for_update(client, 1)
-        got, version = await answers(client, rows)
-        assert version == f"{tiny_checkpoint.version}+u1"
-        np.testing.assert_allclose(got, Predictor(second).predict_rows(rows), rtol=0, atol=1e-6)
+        await assert_served(client, rows, second, f"{tiny_checkpoint.version}+u1")
     # C4's rows are base rows again (untagged), whoever reads them.
-    layout_partitions = 64
     c4 = [f.name for f in tiny_checkpoint.features.embedded_fields].index("C4")
     values = tiny_checkpoint.vocabulary("C4").values[:TOUCHED]
     with redis_server.client() as sync:
         for value in values:
-            key = Layout(tiny_checkpoint.version, layout_partitions).hash_key(c4, value_key(value))
+            key = Layout(tiny_checkpoint.version, PARTITIONS).hash_key(c4, value_key(value))
             assert len(sync.hget(key, value_key(value))) == 9 * 4
     async with make_client(
         model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=False
@@ -417,15 +423,10 @@ async def test_a_lost_hash_is_published_again_with_the_updates_it_held(
     tmp_path: Path,
 ) -> None:
     new = edited(tiny_checkpoint, tmp_path / "u1")
-    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
-        pass  # publishes the base
-    r = connect(redis_settings(redis_server), 10)
-    try:
+    async with publisher(redis_server, tiny_checkpoint) as r:
         await publish_update(r, tiny_checkpoint, new)
-    finally:
-        await r.aclose()
     j = [f.name for f in tiny_checkpoint.features.embedded_fields].index(EDITED_FIELD)
-    layout = Layout(tiny_checkpoint.version, 64)
+    layout = Layout(tiny_checkpoint.version, PARTITIONS)
     lost = {layout.hash_key(j, value_key(v)) for v in ADDED}
     with redis_server.client() as sync:
         sync.delete(*lost)  # a node that restarted empty
@@ -434,9 +435,7 @@ async def test_a_lost_hash_is_published_again_with_the_updates_it_held(
         model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=False
     ) as client:
         await wait_for_update(client, 1)
-        got, version = await answers(client, rows)
-        assert version == f"{tiny_checkpoint.version}+u1"
-        np.testing.assert_allclose(got, Predictor(new).predict_rows(rows), rtol=0, atol=1e-6)
+        await assert_served(client, rows, new, f"{tiny_checkpoint.version}+u1")
 
 
 async def test_a_replica_that_finds_its_updates_trimmed_jumps_to_those_kept(
@@ -453,21 +452,66 @@ async def test_a_replica_that_finds_its_updates_trimmed_jumps_to_those_kept(
     u1 = warm_started(tiny_checkpoint, day2_tsv, tmp_path / "u1")
     u2 = edited(u1, tmp_path / "u2")
     u3 = warm_started(u2, day2_tsv, tmp_path / "u3")
-    async with make_client(model_dir=tiny_checkpoint.path, redis_url=redis_server.url):
-        pass  # publishes the base
-    r = connect(redis_settings(redis_server), 10)
-    try:
+    async with publisher(redis_server, tiny_checkpoint) as r:
         for old, new in ((tiny_checkpoint, u1), (u1, u2), (u2, u3)):
             await publish_update(r, old, new, kept=1)
         assert await r.xlen(UpdateKeys(tiny_checkpoint.version).stream) == 1
-    finally:
-        await r.aclose()
     async with make_client(
         model_dir=tiny_checkpoint.path, redis_url=redis_server.url, hold_tables=False
     ) as client:
         described = await wait_for_update(client, 3)
         assert described["checkpoint"] == u3.version
-        got, version = await answers(client, rows)
-        assert version == f"{tiny_checkpoint.version}+u3"
-        np.testing.assert_allclose(got, Predictor(u3).predict_rows(rows), rtol=0, atol=1e-6)
+        await assert_served(client, rows, u3, f"{tiny_checkpoint.version}+u3")
     assert "were trimmed from the stream" in caplog.text
+
+
+async def test_a_replica_cut_off_from_redis_catches_up_when_it_is_back(
+    make_client: ClientFactory,
+    redis_server: RedisServer,
+    tiny_checkpoint: Checkpoint,
+    rows: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """An update published while a replica cannot reach Redis: it keeps answering as
+    the update it serves (its tables), then applies the update once the link is back."""
+    new = edited(tiny_checkpoint, tmp_path / "u1")
+    proxy = await SlowProxy(redis_server.port, delay=0).start()
+    try:
+        async with make_client(model_dir=tiny_checkpoint.path, redis_url=proxy.url) as client:
+            await answers(client, rows)
+            proxy.cut()
+            async with publisher(redis_server) as r:
+                await publish_update(r, tiny_checkpoint, new)
+            await asyncio.sleep(1.5)  # (the follower's reads fail meanwhile, and are retried)
+            await assert_served(client, rows, tiny_checkpoint, tiny_checkpoint.version)
+            proxy.restore()
+            await wait_for_update(client, 1)
+            await assert_served(client, rows, new, f"{tiny_checkpoint.version}+u1")
+    finally:
+        await proxy.aclose()
+
+
+def test_the_update_command_says_why_it_cannot_publish(
+    tiny_checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    """No Redis URL (exit 2), Redis unreachable (exit 1), --from without --update (a
+    usage error): said on stderr, nothing published."""
+    new = edited(tiny_checkpoint, tmp_path / "u1")
+    update = [sys.executable, "-m", "app.publish", "--update"]
+    paths = ["--from", str(tiny_checkpoint.path), "--to", str(new.path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTR_")}
+    cases = [
+        ([*update, *paths], env, 2, "CTR_REDIS_URL is not set"),
+        (
+            [*update, *paths],
+            {**env, "CTR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+            1,
+            f"publishing {new.version} failed",
+        ),
+        ([sys.executable, "-m", "app.publish", *paths], env, 2, "--from and --to go with --update"),
+        ([*update, "--from", str(new.path)], env, 2, "--update takes --from OLD and --to NEW"),
+    ]
+    for argv, environment, code, why in cases:
+        done = subprocess.run(argv, env=environment, capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, done.stderr
+        assert why in done.stderr
