@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 BLOCK_MS = 1000  # one XREAD waits this long for an entry (the client's timeout is longer)
 RETRY_S = 0.5  # after a failed read
 MAX_RETRY_S = 30.0  # after failures that are no Redis error, backing off
+STOP_WAIT_S = 5 * BLOCK_MS / 1000  # for the task to end once asked to stop
 ENTRIES_PER_READ = 16
 
 Between = Callable[[Callable[[], object]], Awaitable[object]]
@@ -51,6 +52,7 @@ class UpdateFollower:
         self._metrics = metrics
         self._keys = UpdateKeys(model.checkpoint.version)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._last_id: bytes | str = "0-0"  # of the last stream entry taken
 
     async def catch_up(self) -> None:
@@ -73,9 +75,16 @@ class UpdateFollower:
             self._task = asyncio.create_task(self._run(), name="update-follower")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task = self._task
+        if task is not None:
+            # Asked to stop, then cancelled: redis-py can swallow the cancellation of a
+            # read (its read timeout's clean-up), and the loop would read on; it stops
+            # after that read (BLOCK_MS) instead.
+            self._stopping = True
+            task.cancel()
+            _, pending = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+            if pending:
+                log.warning("the update follower did not stop in %.0f s: left behind", STOP_WAIT_S)
         await self._client.aclose()
 
     async def _read(self, block: int | None) -> bool:
@@ -93,7 +102,7 @@ class UpdateFollower:
     async def _run(self) -> None:
         failing: str | None = None
         delay = RETRY_S
-        while True:
+        while not self._stopping:
             try:
                 await self._read(block=BLOCK_MS)
             except UpdateRefused as exc:
