@@ -83,14 +83,17 @@ class DeepFMConfig:
 
 
 class Split(NamedTuple):
-    """How a ranking request's context divides a DeepFM's input (``DeepFM.split``)."""
+    """How a ranking request's context divides a DeepFM's input (``DeepFM.split``), and
+    the weights of each side, taken out once: valid for the weights it was made from."""
 
     context_fields: Tensor  # embedded positions the context holds
     context_dense: Tensor  # dense positions the context holds
     other_fields: Tensor  # the rest, the candidates'
     other_dense: Tensor
-    context_columns: Tensor  # the DNN input columns of the context's values
-    other_columns: Tensor
+    context_weight: Tensor  # the DNN's first layer's columns of the context's values
+    other_weight_t: Tensor  # (transposed, contiguous) the candidates' values' columns
+    context_dense_weight: Tensor  # u of the context's dense fields
+    other_dense_weight: Tensor
 
 
 class FactorizationMachine(nn.Module):
@@ -164,11 +167,13 @@ class DeepFM(nn.Module):
             self.dense_weight.zero_()
             self.bias.zero_()
 
-    def gather(self, ids: Tensor) -> Tensor:
-        """Rows ``[w, e_1..e_k]`` of every field: ids ``B x F`` int64 -> ``B x F x (1+k)``."""
+    def gather(self, ids: Tensor, fields: Tensor | None = None) -> Tensor:
+        """Rows ``[w, e_1..e_k]`` of every field: ids ``B x F`` int64 -> ``B x F x (1+k)``;
+        ``fields``: the ids' columns are of these fields (positions) only."""
         if self.sparse_rows is None:
             raise RuntimeError("this DeepFM was built without its tables")
-        rows: Tensor = self.sparse_rows(ids + self.offsets)
+        offsets = self.offsets if fields is None else self.offsets[fields]
+        rows: Tensor = self.sparse_rows(ids + offsets)
         return rows
 
     def forward(self, ids: Tensor, dense: Tensor) -> Tensor:
@@ -201,21 +206,29 @@ class DeepFM(nn.Module):
             "logit": y_lin + y_fm + dnn,
         }
 
+    @torch.no_grad()
     def split(self, context_fields: Tensor, context_dense: Tensor) -> Split:
         """How a context holding the embedded fields ``context_fields`` and the dense
         fields ``context_dense`` (int64 positions, ascending) divides this model's
-        input, worked out once for ``forward_shared``."""
+        input, worked out once for ``forward_shared`` (for these weights)."""
         fields, k = self.config.num_fields, self.config.embed_dim
         other_fields = complement(context_fields, fields)
         other_dense = complement(context_dense, self.config.num_dense)
         columns = torch.arange(fields * k).view(fields, k)
+        context_columns = torch.cat((columns[context_fields].flatten(), fields * k + context_dense))
+        other_columns = torch.cat((columns[other_fields].flatten(), fields * k + other_dense))
+        first = self.deep.mlp[0]
+        assert isinstance(first, nn.Linear)
+        u = self.dense_weight
         return Split(
             context_fields,
             context_dense,
             other_fields,
             other_dense,
-            torch.cat((columns[context_fields].flatten(), fields * k + context_dense)),
-            torch.cat((columns[other_fields].flatten(), fields * k + other_dense)),
+            first.weight[:, context_columns].contiguous(),
+            first.weight[:, other_columns].T.contiguous(),
+            u[context_dense].contiguous(),
+            u[other_dense].contiguous(),
         )
 
     def forward_shared(
@@ -230,7 +243,8 @@ class DeepFM(nn.Module):
 
         context: (first_order ``Fc``, embeddings ``Fc x k``, dense ``Dc``) of the context's
         fields; candidates: (first_order ``N x Fn``, embeddings ``N x Fn x k``, dense
-        ``N x Dn``) of the others, in ``split``'s order (``DeepFM.split``).
+        ``N x Dn``) of the others, in ``split``'s order (``DeepFM.split``, made from this
+        model's current weights).
 
             y_lin = [b + sum_c w_c + u_c.z_c] + sum_n w_n + u_n.z_n
             y_fm  = 1/2 sum_k [(S_c + S_n)^2 - (Q_c + Q_n)],  S = sum of e, Q = sum of e^2
@@ -238,18 +252,18 @@ class DeepFM(nn.Module):
         """
         c_first, c_emb, c_dense = context
         n_first, n_emb, n_dense = candidates
-        u = self.dense_weight
-        shared_lin = self.bias + c_first.sum() + c_dense @ u[split.context_dense]
-        y_lin = shared_lin + n_first.sum(dim=1) + n_dense @ u[split.other_dense]
+        shared_lin = self.bias + c_first.sum() + c_dense @ split.context_dense_weight
+        y_lin = shared_lin + n_first.sum(dim=1) + n_dense @ split.other_dense_weight
         s = c_emb.sum(dim=0) + n_emb.sum(dim=1)  # N x k
         q = c_emb.square().sum(dim=0) + n_emb.square().sum(dim=1)
         y_fm = 0.5 * (s.square() - q).sum(dim=1)
         first, *rest = self.deep.mlp
         assert isinstance(first, nn.Linear)
-        context_x = torch.cat((c_emb.flatten(), c_dense))
-        shared_h = first.weight[:, split.context_columns] @ context_x + first.bias
+        shared_h = torch.addmv(
+            first.bias, split.context_weight, torch.cat((c_emb.flatten(), c_dense))
+        )
         other_x = torch.cat((n_emb.flatten(1), n_dense), dim=1)
-        h = other_x @ first.weight[:, split.other_columns].T + shared_h
+        h = torch.addmm(shared_h, other_x, split.other_weight_t)
         for layer in rest:
             h = layer(h)
         return y_lin + y_fm + h.squeeze(-1)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain, repeat
@@ -67,6 +67,8 @@ DIGEST_MARK = "\n#"
 FloatArray = npt.NDArray[np.float64]
 ObjectArray = npt.NDArray[np.object_]
 Columns = Mapping[str, npt.NDArray[Any]]
+# A column as a server may hold it (app.columnar): an array, or a list of raw values.
+Column = npt.NDArray[Any] | Sequence[Any]
 
 
 def value_key(value: str) -> str:
@@ -80,8 +82,9 @@ def value_key(value: str) -> str:
 
 def lookup_keys(values: Iterable[Any]) -> list[str]:
     """The lookup key of every category value (str, int or None): a string is ``value_key``
-    of itself, an integer that of its decimal string, and a missing value (None) is
-    ``NOT_A_KEY``, which no vocabulary holds. Every encoding path keys its values here."""
+    of itself, an integer that of its decimal string, and a missing value (None or the
+    empty string) is ``NOT_A_KEY``, which no vocabulary holds. Every encoding path keys
+    its values here."""
     return _keys_in_place(list(values))
 
 
@@ -97,6 +100,8 @@ def _keys_in_place(values: list[Any]) -> list[str]:
     lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
     for i in np.flatnonzero(lengths > KEY_CHARS).tolist():
         values[i] = value_key(values[i])
+    for i in np.flatnonzero(lengths == 0).tolist():
+        values[i] = NOT_A_KEY  # (an empty value is missing, as in the data files)
     return values
 
 
@@ -110,9 +115,38 @@ class Keyed:
 
     columns: list[list[str]]
     dense: npt.NDArray[np.float32]
+    # The embedded fields (positions) of ``columns``, and the dense fields of ``dense``'s
+    # columns: some of the model's fields (a ``RowPlan``'s), or, None, all of them.
+    fields: tuple[int, ...] | None = None
+    dense_fields: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.dense)
+
+    def field_positions(self) -> range | tuple[int, ...]:
+        """The embedded field of each column."""
+        return range(len(self.columns)) if self.fields is None else self.fields
+
+    def __getitem__(self, rows: slice) -> Keyed:
+        """The keys of a slice of the batch's rows."""
+        return Keyed([c[rows] for c in self.columns], self.dense[rows], *self._parts)
+
+    @property
+    def _parts(self) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+        return self.fields, self.dense_fields
+
+    @staticmethod
+    def concat(batches: Sequence[Keyed]) -> Keyed:
+        """One batch of the rows of ``batches`` (of the same fields), in order."""
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        if any(b._parts != first._parts for b in batches):
+            raise ValueError("batches of different fields")
+        columns = [
+            list(chain.from_iterable(cs)) for cs in zip(*(b.columns for b in batches), strict=True)
+        ]
+        return Keyed(columns, np.concatenate([b.dense for b in batches]), *first._parts)
 
     @property
     def missing(self) -> int:
@@ -186,7 +220,7 @@ class Field:
             return len(self.vocab) + 1
         return self.num_values + 1 if self.num_values is not None else 0
 
-    def categories(self, raw: npt.NDArray[Any]) -> ObjectArray:
+    def categories(self, raw: Column) -> ObjectArray:
         """The category string of every raw value (None where missing)."""
         return categories(self.transform, raw)
 
@@ -202,7 +236,7 @@ class Field:
         return out
 
 
-def categories(transform: Transform, raw: npt.NDArray[Any]) -> ObjectArray:
+def categories(transform: Transform, raw: Column) -> ObjectArray:
     """Raw values of an embedded field -> category strings (None where missing)."""
     if transform == "bucket":
         return bucketize(np.asarray(raw, dtype=np.float64))
@@ -280,19 +314,25 @@ class FeatureSpec:
             np.array([f.stats.get("missing", 0.0) for f in fields]),
         )
 
-    def transform_dense(self, raw: FloatArray) -> npt.NDArray[np.float32]:
-        """Raw dense values ``B x D`` (NaN = missing) -> model input ``B x D`` float32.
+    def transform_dense(
+        self, raw: FloatArray, fields: Sequence[int] | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Raw dense values ``B x D`` (NaN = missing) -> model input ``B x D`` float32;
+        ``fields``: the columns are these dense fields only (positions).
 
         All fields at once, so the cost per call does not grow with the field count.
         """
         log, mean, std, missing = self._dense_params
+        if fields is not None:
+            at = list(fields)
+            log, mean, std, missing = log[at], mean[at], std[at], missing[at]
         with np.errstate(invalid="ignore"):
             z = np.where(log, np.sign(raw) * np.log1p(np.abs(raw)), (raw - mean) / std)
         return np.where(np.isnan(z), missing, z).astype(np.float32)
 
-    def keys(self, columns: Columns, num_rows: int) -> Keyed:
-        """Columns (training's form) -> the batch's lookup keys and dense input. A column
-        absent from ``columns`` is missing in every row."""
+    def keys(self, columns: Mapping[str, Column], num_rows: int) -> Keyed:
+        """Columns (training's form; or lists of raw values) -> the batch's lookup keys
+        and dense input. A column absent from ``columns`` is missing in every row."""
         keyed = []
         for f in self.embedded_fields:
             raw = columns.get(f.name)
@@ -307,18 +347,19 @@ class FeatureSpec:
                 raw_dense[:, j] = columns[f.name]
         return Keyed(keyed, self.transform_dense(raw_dense))
 
-    def row_keys(self, rows: Sequence[Mapping[str, Any]]) -> Keyed:
+    def row_keys(self, rows: Sequence[Mapping[str, Any]], plan: RowPlan | None = None) -> Keyed:
         """Rows of raw values (field name -> value; serving's form) -> the same as
         ``keys`` of the same data in columns, which the tests hold it to. An integer
         sparse value is the same value as its decimal string; None or an absent field
-        is missing.
+        is missing. ``plan``: read only some of the fields (``plan(names)``); the keys
+        are then of those fields alone (``Keyed.fields``).
 
         Every category value of every row is read in one comprehension and keyed in
         one pass, instead of one NumPy call per field: most of a small batch's cost.
         """
-        plan = self._row_plan
-        raw_dense = self._raw_dense(rows)
-        columns: list[list[str]] = [[] for _ in self.embedded_fields]
+        plan = plan or self._row_plan
+        raw_dense = self._raw_dense(rows, plan.dense_inputs)
+        columns: list[list[str]] = [[] for _ in plan.fields]
         names = plan.category_names
         if names and rows:
             flat = _keys_in_place([row.get(name) for row in rows for name in names])
@@ -326,7 +367,10 @@ class FeatureSpec:
                 columns[j] = flat[k :: len(names)]
         for j, position in plan.bucket_columns:
             columns[j] = _keys_in_place(bucketize(raw_dense[:, position]).tolist())
-        return Keyed(columns, self.transform_dense(raw_dense[:, plan.dense_columns]))
+        raw_dense = raw_dense[:, plan.dense_columns]
+        if plan.whole:
+            return Keyed(columns, self.transform_dense(raw_dense))
+        return Keyed(columns, self.transform_dense(raw_dense, plan.dense), plan.fields, plan.dense)
 
     def ids(self, keyed: Keyed) -> npt.NDArray[np.int64]:
         """The ids ``B x F`` of a batch's keys, in one search of the vocabulary index;
@@ -334,7 +378,7 @@ class FeatureSpec:
         num_rows, width = len(keyed), len(keyed.columns)
         found = self.vocab_index.find(
             list(chain.from_iterable(keyed.columns)),
-            chain.from_iterable(repeat(j, num_rows) for j in range(width)),
+            chain.from_iterable(repeat(j, num_rows) for j in keyed.field_positions()),
         )
         return np.ascontiguousarray(found.reshape(width, num_rows).T)
 
@@ -353,27 +397,39 @@ class FeatureSpec:
         return self.ids(keyed), keyed.dense
 
     @cached_property
-    def _row_plan(self) -> _RowPlan:
-        dense_inputs = tuple(f.name for f in self.fields if f.kind == "dense")
+    def _row_plan(self) -> RowPlan:
+        return self.plan()
+
+    def plan(self, names: Collection[str] | None = None) -> RowPlan:
+        """How rows holding the fields ``names`` (default: all) are read: a ranking
+        request's context and candidates each hold some of the fields."""
+        chosen = {f.name for f in self.fields if names is None or f.name in names}
+        embedded = [j for j, f in enumerate(self.embedded_fields) if f.name in chosen]
+        dense = [j for j, f in enumerate(self.dense_fields) if f.name in chosen]
+        dense_inputs = tuple(f.name for f in self.fields if f.name in chosen and f.kind == "dense")
         position = {name: i for i, name in enumerate(dense_inputs)}
-        embedded = self.embedded_fields
-        categories = [j for j, f in enumerate(embedded) if f.transform == "category"]
-        return _RowPlan(
+        fields = [self.embedded_fields[j] for j in embedded]
+        categories = [c for c, f in enumerate(fields) if f.transform == "category"]
+        return RowPlan(
+            fields=tuple(embedded),
+            dense=tuple(dense),
+            whole=names is None,
             dense_inputs=dense_inputs,
             category_columns=categories,
-            category_names=tuple(embedded[j].name for j in categories),
+            category_names=tuple(fields[c].name for c in categories),
             bucket_columns=tuple(
-                (j, position[f.name]) for j, f in enumerate(embedded) if f.transform == "bucket"
+                (c, position[f.name]) for c, f in enumerate(fields) if f.transform == "bucket"
             ),
-            dense_columns=[position[f.name] for f in self.dense_fields],
+            dense_columns=[position[self.dense_fields[j].name] for j in dense],
         )
 
-    def _raw_dense(self, rows: Sequence[Mapping[str, Any]]) -> FloatArray:
-        """Every dense-kind input of ``rows``, ``B x len(dense_inputs)``; None becomes NaN."""
-        inputs = self._row_plan.dense_inputs
-        return np.array(
-            [[row.get(name) for name in inputs] for row in rows], dtype=np.float64
-        ).reshape(len(rows), len(inputs))
+    @staticmethod
+    def _raw_dense(rows: Sequence[Mapping[str, Any]], inputs: Sequence[str]) -> FloatArray:
+        """The dense-kind ``inputs`` of ``rows``, ``B x len(inputs)``; None becomes NaN."""
+        if not inputs:
+            return np.empty((len(rows), 0))
+        flat = [row.get(name) for row in rows for name in inputs]  # (one comprehension)
+        return np.array(flat, dtype=np.float64).reshape(len(rows), len(inputs))
 
     def to_json(self) -> list[dict[str, Any]]:
         return [f.to_json() for f in self.fields]
@@ -405,14 +461,18 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
-class _RowPlan:
-    """Where each field of a raw row goes, worked out once per spec."""
+class RowPlan:
+    """Where each field of a raw row goes, worked out once for a set of fields
+    (``FeatureSpec.plan``)."""
 
-    dense_inputs: tuple[str, ...]  # every dense-kind input, in field order
-    category_columns: list[int]  # columns of ids filled from category fields
+    fields: tuple[int, ...]  # the embedded fields read (positions), one key column each
+    dense: tuple[int, ...]  # the dense fields read (positions), one dense column each
+    whole: bool  # every field of the spec
+    dense_inputs: tuple[str, ...]  # every dense-kind input read, in field order
+    category_columns: list[int]  # key columns filled from category fields
     category_names: tuple[str, ...]  # the category fields, in category_columns order
-    bucket_columns: tuple[tuple[int, int], ...]  # (ids column, dense input position)
-    dense_columns: list[int]  # dense input positions of the model's dense fields
+    bucket_columns: tuple[tuple[int, int], ...]  # (key column, dense input position)
+    dense_columns: list[int]  # dense input positions of the dense fields read
 
 
 @dataclass

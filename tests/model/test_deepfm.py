@@ -93,6 +93,9 @@ def test_forward_shared_equals_forward_rows_for_every_split() -> None:
         rows = model.gather(merged_ids)
         others = [f for f in range(4) if f not in shared]
         other_dense = [d for d in range(3) if d not in shared_dense]
+        # (a gather of some fields' ids is those fields' rows)
+        some = model.gather(merged_ids[:, others], torch.tensor(others, dtype=torch.int64))
+        torch.testing.assert_close(some, rows[:, others], rtol=0, atol=0)
         with torch.inference_mode():
             expected = model.forward_rows(rows[..., 0], rows[..., 1:], merged_dense)
             split = model.split(

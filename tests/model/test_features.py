@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from model.features import FeatureSpec, Field, SpecFitter, Vocabulary, bucketize
+from model.features import FeatureSpec, Field, Keyed, SpecFitter, Vocabulary, bucketize
 from model.vocabindex import NOT_A_KEY
 
 
@@ -147,6 +147,50 @@ def test_keys_then_vocabularies_equal_encode_rows() -> None:
     assert s.row_keys([]).columns == [[], [], []]
     columns = {"i1": np.array([2.0]), "i2": np.array([3.0]), "c2": obj("80")}
     assert s.keys(columns, 1).columns == s.row_keys([{"i1": 2, "i2": 3, "c2": 80}]).columns
+
+
+@pytest.mark.parametrize(
+    "names", [set(), {"i1"}, {"i2"}, {"c2", "i1"}, {"i2", "c1"}, {"i1", "i2", "c1", "c2"}]
+)
+def test_a_plan_reads_its_fields_alone(names: set[str]) -> None:
+    """The keys of some fields (a ranking request's context or candidates) are the whole
+    rows' keys of those fields, named by their positions, in order."""
+    s = spec()
+    rows = [{"i1": 2, "i2": 3, "c1": "x", "c2": 80}, {"i1": None, "c1": ""}, {}, {"c2": "z"}]
+    whole, part = s.row_keys(rows), s.row_keys(rows, s.plan(names))
+    embedded = [j for j, f in enumerate(s.embedded_fields) if f.name in names]
+    dense = [j for j, f in enumerate(s.dense_fields) if f.name in names]
+    assert part.fields == tuple(embedded) and part.dense_fields == tuple(dense)
+    assert part.columns == [whole.columns[j] for j in embedded]
+    np.testing.assert_array_equal(part.dense, whole.dense[:, dense])
+    np.testing.assert_array_equal(s.ids(part), s.ids(whole)[:, embedded])
+
+
+def test_keyed_batches_slice_and_join() -> None:
+    s = spec()
+    rows = [{"i1": float(i), "c1": "x" if i % 2 else "y", "c2": i} for i in range(5)]
+    keyed = s.row_keys(rows)
+    joined = Keyed.concat([keyed[:2], keyed[2:3], keyed[3:]])
+    assert joined.columns == keyed.columns
+    np.testing.assert_array_equal(joined.dense, keyed.dense)
+    some = s.plan({"c1"})
+    with pytest.raises(ValueError, match="different fields"):
+        Keyed.concat([keyed, s.row_keys(rows, some)])
+
+
+def test_lists_of_raw_values_key_as_columns_do() -> None:
+    """A server's columns (lists of raw values; "" and None missing) -> the same keys."""
+    s = spec()
+    rows = [{"i1": 2.0, "i2": 3.0, "c1": "x", "c2": "80"}, {"c1": ""}, {"i2": 100.0, "c2": "q"}]
+    columns = {
+        "i1": np.array([2.0, np.nan, np.nan]),
+        "i2": [3.0, None, 100.0],
+        "c1": ["x", "", None],
+        "c2": ["80", None, "q"],
+    }
+    from_columns, from_rows = s.keys(columns, 3), s.row_keys(rows)
+    assert from_columns.columns == from_rows.columns
+    np.testing.assert_array_equal(from_columns.dense, from_rows.dense)
 
 
 def test_a_spec_without_vocabularies_keeps_sizes_and_refuses_id_lookups() -> None:
