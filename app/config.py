@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, SecretStr, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.cpus import available_cpus
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     )
     local_cache_rows: PositiveInt = Field(
         1_000_000, description="embedding rows in the in-process LRU (redis store)"
+    )
+    id_cache_keys: NonNegativeInt = Field(
+        262_144,
+        description="memory store: lookup keys whose vocabulary ids are cached in-process "
+        "(emptied when full); 0: none",
     )
     hold_tables: bool = Field(
         True,

@@ -8,7 +8,7 @@ the tables. Both turn raw rows into the model's input the same way.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -16,22 +16,23 @@ import numpy.typing as npt
 import torch
 
 from app.metrics import Metrics
+from app.store.idcache import IdCache
 from app.store.updates import Update
 from model.deepfm import DeepFM
-from model.features import FeatureSpec
+from model.features import FeatureSpec, Keyed
 
 StoreState = Literal["ok", "degraded"]
 Row = Mapping[str, Any]
-Encoded = tuple[torch.Tensor, npt.NDArray[np.float32]]
 
 
 class EmbeddingStore(ABC):
-    """Turns raw rows into model input: embedding rows ``B x F x (1+k)``, dense ``B x D``."""
+    """Gives a batch's embedding rows: its lookup keys (``model.features.Keyed``, ``B``
+    rows of F fields, or of the fields it names) -> ``B x F x (1+k)`` float32."""
 
     backend: str
 
     @abstractmethod
-    def encode(self, rows: Sequence[Row]) -> Encoded:
+    def lookup(self, keyed: Keyed) -> torch.Tensor:
         """Called on the forward-pass worker thread, never on the event loop."""
 
     @property
@@ -64,9 +65,13 @@ class MemoryStore(EmbeddingStore):
 
     backend = "memory"
 
-    def __init__(self, features: FeatureSpec, model: DeepFM, metrics: Metrics) -> None:
+    def __init__(
+        self, features: FeatureSpec, model: DeepFM, metrics: Metrics, id_cache_keys: int = 0
+    ) -> None:
         self._features = features
         self._model = model
+        index = features.vocab_index
+        self._ids = IdCache(len(features.embedded_fields), id_cache_keys, index.find)
         # The rows updates changed or brought, per field (value key -> row), and the
         # OOV rows of the last update that brought some.
         self._overlay: list[dict[str, Any]] = [{} for _ in features.embedded_fields]
@@ -76,9 +81,8 @@ class MemoryStore(EmbeddingStore):
         self._oov = metrics.oov
         self._missing = metrics.missing
 
-    def encode(self, rows: Sequence[Row]) -> Encoded:
-        keyed = self._features.row_keys(rows)
-        ids = self._features.ids(keyed)
+    def lookup(self, keyed: Keyed) -> torch.Tensor:
+        ids = self._ids.ids(keyed)
         # Index 0 is a missing value or an unseen one; only the unseen were looked up.
         missing = keyed.missing
         oov = int(np.count_nonzero(ids == 0)) - missing
@@ -86,26 +90,27 @@ class MemoryStore(EmbeddingStore):
         self._lookups.inc(ids.size - missing)
         self._hits.inc(ids.size - missing - oov)
         self._oov.inc(oov)
+        fields = None if keyed.fields is None else torch.tensor(keyed.fields, dtype=torch.int64)
         with torch.inference_mode():
-            gathered = self._model.gather(torch.from_numpy(ids))
+            gathered = self._model.gather(torch.from_numpy(ids), fields)
             if self._new_oov is not None or any(self._overlay):
-                self._updated(gathered, ids, keyed.columns)
-        return gathered, keyed.dense
+                self._updated(gathered, ids, keyed)
+        return gathered
 
-    def _updated(
-        self, gathered: torch.Tensor, ids: npt.NDArray[np.int64], columns: Sequence[Sequence[str]]
-    ) -> None:
+    def _updated(self, gathered: torch.Tensor, ids: npt.NDArray[np.int64], keyed: Keyed) -> None:
         """The updates' rows over the tables' in ``gathered`` (in place): the new OOV
         rows at index 0, then the rows of the values updates changed or brought."""
+        fields = list(keyed.field_positions())
         if self._new_oov is not None:
             oov = torch.from_numpy(ids == 0)
-            gathered[oov] = self._new_oov.expand(len(ids), -1, -1)[oov]
-        for j, overlay in enumerate(self._overlay):
+            gathered[oov] = self._new_oov[fields].expand(len(ids), -1, -1)[oov]
+        for c, j in enumerate(fields):
+            overlay = self._overlay[j]
             if overlay:
-                for i, key in enumerate(columns[j]):
+                for i, key in enumerate(keyed.columns[c]):
                     row = overlay.get(key)
                     if row is not None:
-                        gathered[i, j] = torch.from_numpy(row)
+                        gathered[i, c] = torch.from_numpy(row)
 
     def apply_update(
         self, update: Update, jump: bool = False, rows: list[dict[str, Any]] | None = None

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -37,7 +37,7 @@ import torch
 
 from app.config import Settings
 from app.metrics import Metrics
-from app.store.base import EmbeddingStore, Encoded, Row, StoreState
+from app.store.base import EmbeddingStore, StoreState
 from app.store.client import RedisClient, SyncRedisClient, close_sync
 from app.store.layout import (
     ROW_DTYPE,
@@ -53,6 +53,7 @@ from app.store.rowcache import MISS, Key, RowCache
 from app.store.updates import AHEAD, Update, keys_by_field, pick_row
 from model.checkpoint import TABLES, Checkpoint, load_checkpoint
 from model.deepfm import DeepFM
+from model.features import Keyed
 
 log = logging.getLogger(__name__)
 
@@ -267,13 +268,12 @@ class RedisStore(EmbeddingStore):
 
     # -- the worker thread's side: a batch's rows
 
-    def encode(self, rows: Sequence[Row]) -> Encoded:
-        keyed = self._features.row_keys(rows)
-        columns, dense = keyed.columns, keyed.dense
+    def lookup(self, keyed: Keyed) -> torch.Tensor:
+        columns, fields = keyed.columns, keyed.field_positions()
         cache = self._cache
-        slots = np.empty((len(rows), len(columns)), dtype=np.int64)
-        for j, column in enumerate(columns):
-            slots[:, j] = cache.slots(j, column)
+        slots = np.empty((len(keyed), len(columns)), dtype=np.int64)
+        for c, (j, column) in enumerate(zip(fields, columns, strict=True)):
+            slots[:, c] = cache.slots(j, column)
         missed = slots == MISS
         misses = int(np.count_nonzero(missed))
         # A missing value (NOT_A_KEY) is no lookup: it has its OOV slot, never a miss.
@@ -282,7 +282,7 @@ class RedisStore(EmbeddingStore):
         self._lookups["lru"].inc(slots.size - missing)
         self._hits["lru"].inc(slots.size - missing - misses)
         if not misses:
-            return torch.from_numpy(cache.rows(slots)), dense
+            return torch.from_numpy(cache.rows(slots))
         out = np.empty((*slots.shape, self._width), dtype=np.float32)
         hit = ~missed
         out[hit] = cache.rows(slots[hit])  # before the misses' rows evict any of them
@@ -290,8 +290,8 @@ class RedisStore(EmbeddingStore):
         keys: list[Key] = []
         position: dict[Key, int] = {}
         which = []
-        for i, j in zip(*np.nonzero(missed), strict=True):  # row-major, as out[missed]
-            key = (int(j), columns[j][i])
+        for i, c in zip(*np.nonzero(missed), strict=True):  # row-major, as out[missed]
+            key = (fields[c], columns[c][i])
             found = position.get(key)
             if found is None:
                 found = position[key] = len(keys)
@@ -299,7 +299,7 @@ class RedisStore(EmbeddingStore):
             which.append(found)
         out[missed] = self._rows_of(keys)[which]
         self._metrics.lru_rows.set(len(cache))
-        return torch.from_numpy(out), dense
+        return torch.from_numpy(out)
 
     def _rows_of(self, keys: list[Key]) -> npt.NDArray[np.float32]:
         """The rows of cache misses: from Redis, else the tables, else OOV rows."""

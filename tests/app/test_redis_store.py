@@ -166,9 +166,9 @@ async def test_a_batchs_lookups_do_not_wait_for_the_event_loop(
     metrics = Metrics()
     runtime = await Runtime.start(settings, metrics)
     try:
-        store = runtime.model.store
+        store, keyed = runtime.model.store, runtime.model.keys(known_rows)
         encoded: list[Any] = []
-        batch = threading.Thread(target=lambda: encoded.append(store.encode(known_rows)))
+        batch = threading.Thread(target=lambda: encoded.append(store.lookup(keyed)))
         batch.start()
         batch.join(timeout=30)  # on the loop's thread: the loop cannot run meanwhile
         assert not batch.is_alive(), "the lookups waited for the event loop"
@@ -176,7 +176,7 @@ async def test_a_batchs_lookups_do_not_wait_for_the_event_loop(
         text = metrics.exposition().decode()
         lookups = metric(text, 'ctr_embedding_lookups_total{tier="redis"}')
         assert metric(text, 'ctr_embedding_hits_total{tier="redis"}') == lookups > 0
-        assert encoded[0][0].shape[0] == len(known_rows)
+        assert encoded[0].shape[0] == len(known_rows)
     finally:
         await runtime.close()
 
