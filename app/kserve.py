@@ -16,11 +16,12 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-import orjson
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app import tensordata
+from app.columnar import ColumnRows
 from app.config import Settings
 from app.errors import ProtocolError
 from app.http import authorize, json_body, json_response, log_served, read_body, runtime_of
@@ -200,20 +201,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     # The model that checks the request scores it (see app.routes.predict).
     model = runtime.model
     _check_model(runtime, name, version, model)
-    if header is None:
-        body = model.v2.validate(raw)
-    else:
-        raw, data = tensordata.split(raw, header)
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(f"the body is not valid JSON: {exc}") from None
-        if isinstance(parsed, dict):
-            tensordata.attach(parsed.get("inputs"), data)
-        elif data:
-            raise ProtocolError("binary data with no inference request before it")
-        body = model.v2.validate(parsed)
-    rows = _rows(body, model, runtime.settings)
+    body, rows = read_request(raw, header, model, runtime.settings)
     probabilities, served_by, _ = await runtime.predict_many(model, rows)
     log_served(request, runtime, served_by, rows, probabilities)
     answer: dict[str, Any] = {
@@ -240,11 +228,25 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return json_response(answer)
 
 
-def _rows(body: dict[str, Any], model: ServingModel, settings: Settings) -> list[dict[str, Any]]:
-    """A validated inference request (``InferSchema``) -> rows of raw values (field ->
-    value), after the checks no schema can make: no input twice, each as long as its
-    shape, one batch size, at most ``max_instances`` rows."""
-    columns: dict[str, list[Any]] = {}
+def read_request(
+    raw: bytes, header: str | None, model: ServingModel, settings: Settings
+) -> tuple[dict[str, Any], ColumnRows]:
+    """An inference request's body (JSON, or with ``header``, the binary tensor data
+    extension's ``Inference-Header-Content-Length``), validated, and its rows."""
+    if header is None:
+        body = model.v2.validate(raw)
+    else:  # the JSON header validated, then the binary data decoded into its inputs
+        raw, data = tensordata.split(raw, header)
+        body = model.v2.validate(raw)
+        tensordata.attach(body["inputs"], data)
+    return body, _rows(body, model, settings)
+
+
+def _rows(body: dict[str, Any], model: ServingModel, settings: Settings) -> ColumnRows:
+    """A validated inference request (``InferSchema``) -> its rows, held as the columns
+    they came in, after the checks no schema can make: no input twice, each as long as
+    its shape, one batch size, at most ``max_instances`` rows."""
+    columns: dict[str, Any] = {}
     size: int | None = None
     for tensor in body["inputs"]:
         name, (length,) = tensor["name"], tensor["shape"]
@@ -258,13 +260,10 @@ def _rows(body: dict[str, Any], model: ServingModel, settings: Settings) -> list
         if size is not None and length != size:
             raise ProtocolError(f"inputs have different batch sizes ({size} and {length})")
         size = length
+        if tensor["datatype"] == "FP32" and not isinstance(data, np.ndarray):
+            data = np.array(data, dtype=np.float64)  # (null: NaN, missing)
         columns[name] = data
     assert size is not None  # (at least one input)
     if size > settings.max_instances:
         raise ProtocolError(f"{size} rows; at most {settings.max_instances}", 413)
-    rows: list[dict[str, Any]] = [{} for _ in range(size)]
-    for name, values in columns.items():
-        for row, value in zip(rows, values, strict=True):
-            if value is not None and value != "":  # (an empty string is missing)
-                row[name] = value
-    return rows
+    return ColumnRows(columns, size)

@@ -62,7 +62,7 @@ def open_store(
 ) -> EmbeddingStore:
     """The embedding store the settings ask for, not yet started."""
     if settings.store == "memory":
-        return MemoryStore(checkpoint.features, model, metrics)
+        return MemoryStore(checkpoint.features, model, metrics, settings.id_cache_keys)
     # The loop's client: its own socket timeout bounds publishing and probes. The
     # batches' lookups have a client of their own, with the tighter CTR_REDIS_TIMEOUT_MS.
     client = connect(settings, timeout_s=REDIS_SOCKET_TIMEOUT_S)
@@ -394,8 +394,7 @@ class Runtime:
         for model in {id(call.model): call.model for call in calls}.values():
             mine = [i for i, call in enumerate(calls) if call.model is model]
             plain = [i for i in mine if not calls[i].explain and calls[i].context is None]
-            rows = [row for i in plain for row in calls[i].rows]
-            probabilities = model.predict(rows) if rows else np.empty(0)
+            probabilities = model.score([calls[i].rows for i in plain]) if plain else np.empty(0)
             start = 0
             for i in plain:
                 count = len(calls[i].rows)

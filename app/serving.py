@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from app.columnar import ColumnRows
 from app.config import Settings
 from app.metrics import Metrics
 from app.schemas import RequestSchemas
@@ -27,6 +28,7 @@ from app.v2schemas import InferSchema
 from model.calibration import Calibration
 from model.checkpoint import TABLES, Checkpoint
 from model.deepfm import DeepFM, Split
+from model.features import Keyed, RowPlan
 
 SPLITS_KEPT = 64  # distinct context field sets whose split is kept
 Explained = dict[str, Any]  # one row's explanation (app.schemas.Explanation)
@@ -63,78 +65,92 @@ class ServingModel:
         self._model = model
         self._metrics = metrics
         self._chunk_rows = settings.chunk_rows
-        self._splits: dict[frozenset[str], Split] = {}  # (only the batcher's thread uses it)
+        # (only the batcher's thread uses it; an update's weights empty it)
+        self._splits: dict[frozenset[str], tuple[Split, RowPlan, RowPlan]] = {}
 
     def predict(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
         """Click probabilities of ``rows``, in order. CPU-bound: call it off the event loop."""
-        parts = [
-            self._predict_chunk(rows[start : start + self._chunk_rows])
-            for start in range(0, len(rows), self._chunk_rows)
-        ]
-        self._metrics.rows_predicted.inc(len(rows))
+        return self.score([rows])
+
+    def score(self, calls: Sequence[Sequence[Row]]) -> npt.NDArray[np.float64]:
+        """``predict`` of the rows of several calls in one pass: each call's keyed as it
+        came (rows, or columns: ``app.columnar``), then the whole a chunk at a time."""
+        keyed = Keyed.concat([self.keys(rows) for rows in calls])
+        size, chunk = len(keyed), self._chunk_rows
+        parts = [self._forward(keyed[start : start + chunk]) for start in range(0, size, chunk)]
+        self._metrics.rows_predicted.inc(size)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def keys(self, rows: Sequence[Row]) -> Keyed:
+        """The lookup keys and dense input of ``rows``."""
+        if isinstance(rows, ColumnRows):
+            return self.features.keys(rows.columns, len(rows))
+        return self.features.row_keys(rows)
 
     def warm(self) -> None:
         """One forward pass of an empty row, to pay one-off costs before traffic comes
         (not counted as a row predicted)."""
-        self._predict_chunk([{}])
+        self._forward(self.keys([{}]))
 
-    def _predict_chunk(self, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
-        gathered, dense = self.store.encode(rows)
+    def _forward(self, keyed: Keyed) -> npt.NDArray[np.float64]:
+        gathered = self.store.lookup(keyed)
         with torch.inference_mode():
             logits = self._model.forward_rows(
-                gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
+                gathered[..., 0], gathered[..., 1:], torch.from_numpy(keyed.dense)
             )
         return self.calibration.probabilities(logits.numpy())
 
     def rank(self, context: Row, rows: Sequence[Row]) -> npt.NDArray[np.float64]:
         """Click probabilities of ``rows`` with ``context``'s fields merged into each (a
         ranking request: ``predict`` of the merged rows), the context encoded, gathered
-        and multiplied once (``DeepFM.forward_shared``). CPU-bound, as ``predict``."""
-        split = self._split(frozenset(context))
-        context_rows, context_dense = self.store.encode([context])
-        gathered, dense = self.store.encode(rows)
+        and multiplied once (``DeepFM.forward_shared``), each candidate's fields alone
+        encoded and gathered (a candidate holds none of the context's fields). CPU-bound,
+        as ``predict``."""
+        split, shared, own = self._split(frozenset(context))
+        context_keys = self.features.row_keys([context], shared)
+        candidate_keys = self.features.row_keys(rows, own)
+        c = self.store.lookup(context_keys)[0]
+        n = self.store.lookup(candidate_keys)
         with torch.inference_mode():
-            c = context_rows[0, split.context_fields]
-            n = gathered[:, split.other_fields]
             logits = self._model.forward_shared(
-                (
-                    c[:, 0],
-                    c[:, 1:],
-                    torch.from_numpy(context_dense[0, split.context_dense.numpy()]),
-                ),
-                (n[..., 0], n[..., 1:], torch.from_numpy(dense[:, split.other_dense.numpy()])),
+                (c[:, 0], c[:, 1:], torch.from_numpy(context_keys.dense[0])),
+                (n[..., 0], n[..., 1:], torch.from_numpy(candidate_keys.dense)),
                 split,
             )
         self._metrics.rows_predicted.inc(len(rows))
         return self.calibration.probabilities(logits.numpy())
 
-    def _split(self, names: frozenset[str]) -> Split:
-        """How a context naming the fields ``names`` divides the model's input: worked
-        out once per set of names (a ranking client sends the same few), LRU-bounded."""
-        split = self._splits.pop(names, None)
-        if split is None:
-            embedded = [j for j, f in enumerate(self.features.embedded_fields) if f.name in names]
-            dense = [j for j, f in enumerate(self.features.dense_fields) if f.name in names]
+    def _split(self, names: frozenset[str]) -> tuple[Split, RowPlan, RowPlan]:
+        """How a context naming the fields ``names`` divides the model's input, and how
+        the context and the candidates are read: worked out once per set of names (a
+        ranking client sends the same few) and model weights, LRU-bounded."""
+        found = self._splits.pop(names, None)
+        if found is None:
+            features = self.features
+            shared = features.plan(names)
+            own = features.plan({f.name for f in features.fields} - names)
             split = self._model.split(
-                torch.tensor(embedded, dtype=torch.int64), torch.tensor(dense, dtype=torch.int64)
+                torch.tensor(shared.fields, dtype=torch.int64),
+                torch.tensor(shared.dense, dtype=torch.int64),
             )
+            found = (split, shared, own)
             if len(self._splits) >= SPLITS_KEPT:
                 del self._splits[next(iter(self._splits))]
-        self._splits[names] = split  # (most recent last)
-        return split
+        self._splits[names] = found  # (most recent last)
+        return found
 
     def explain(self, rows: Sequence[Row]) -> tuple[npt.NDArray[np.float64], list[Explained]]:
         """``predict``, and each row's logit split into parts (``DeepFM.explain_rows``)."""
         probabilities: list[npt.NDArray[np.float64]] = []
         explanations: list[Explained] = []
         for start in range(0, len(rows), self._chunk_rows):
-            gathered, dense = self.store.encode(rows[start : start + self._chunk_rows])
+            keyed = self.keys(rows[start : start + self._chunk_rows])
+            gathered = self.store.lookup(keyed)
             with torch.inference_mode():
                 parts = {
                     name: part.detach().numpy()
                     for name, part in self._model.explain_rows(
-                        gathered[..., 0], gathered[..., 1:], torch.from_numpy(dense)
+                        gathered[..., 0], gathered[..., 1:], torch.from_numpy(keyed.dense)
                     ).items()
                 }
             served = self.calibration.probabilities(parts["logit"])
@@ -252,6 +268,7 @@ class ServingModel:
         swapped, every answer from now named by the update."""
         self.store.apply_update(update, jump, prepared.rows)
         self._model = prepared.model
+        self._splits.clear()  # (they hold the weights they were made from)
         self.calibration = Calibration.from_json(update.calibration)
         self.update, self.applied_at = update, time.time()
         self.version = update.version

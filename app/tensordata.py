@@ -11,9 +11,10 @@ An answer in binary is the same: a JSON header, whose outputs give their
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from app.errors import ProtocolError
@@ -21,6 +22,7 @@ from app.errors import ProtocolError
 HEADER = "inference-header-content-length"
 EXTENSION = "binary_tensor_data"
 _LENGTH = struct.Struct("<I")
+T = TypeVar("T", str, bytes)
 
 
 class BinaryDataError(ProtocolError):
@@ -37,14 +39,13 @@ def split(raw: bytes, header: str) -> tuple[bytes, bytes]:
     return raw[:length], raw[length:]
 
 
-def attach(inputs: Any, data: bytes) -> None:
-    """Give each input whose parameters name a ``binary_data_size`` its decoded values as
-    ``data``, taken from ``data`` in order; every byte must be used."""
-    if not isinstance(inputs, list):
-        return  # (the request's own validation says what is wrong)
+def attach(inputs: list[dict[str, Any]], data: bytes) -> None:
+    """Give each input (of a validated request header) whose parameters name a
+    ``binary_data_size`` its decoded values as ``data``, taken from ``data`` in order;
+    every byte must be used. FP32 values come as a float64 array, BYTES as strings."""
     offset = 0
     for tensor in inputs:
-        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        parameters = tensor.get("parameters")
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is None:
             continue
@@ -70,39 +71,48 @@ def attach(inputs: Any, data: bytes) -> None:
         raise BinaryDataError(f"{len(data) - offset} bytes of binary data belong to no input")
 
 
-def _floats(chunk: bytes, name: Any) -> list[float]:
+def _floats(chunk: bytes, name: Any) -> npt.NDArray[np.float64]:
     if len(chunk) % 4:
         raise BinaryDataError(f"input {name!r}: FP32 data of {len(chunk)} bytes")
-    values: list[float] = np.frombuffer(chunk, dtype="<f4").astype(np.float64).tolist()
+    values = np.frombuffer(chunk, dtype="<f4").astype(np.float64)
+    if not np.isfinite(values).all():
+        raise BinaryDataError(f"input {name!r} (FP32) takes finite numbers, not NaN or inf")
     return values
 
 
 def _strings(chunk: bytes, name: Any) -> list[str]:
     """The elements of a BYTES chunk. All of one length and ASCII (ids, hashes): split
-    with no Python step per element. Else one pass over the length prefixes, then every
-    element sliced out of the chunk decoded once (when it is ASCII)."""
+    with no Python step per element. Else one pass over the length prefixes that
+    slices each element out of the chunk decoded once (when it is ASCII), or out of
+    the bytes, each then decoded."""
     same = _same_length_ascii(chunk)
     if same is not None:
         return same
+    if chunk.isascii():
+        return _elements(chunk, chunk.decode("ascii"), name)
+    try:
+        return [element.decode() for element in _elements(chunk, chunk, name)]
+    except UnicodeDecodeError:
+        raise BinaryDataError(f"input {name!r}: a BYTES element is not UTF-8") from None
+
+
+def _elements(chunk: bytes, source: T, name: Any) -> list[T]:
+    """The elements of a BYTES chunk, sliced out of ``source``: the chunk, or its text
+    when every byte is a character (ASCII)."""
     size, unpack = len(chunk), _LENGTH.unpack_from
-    bounds: list[tuple[int, int]] = []
+    elements: list[T] = []
+    append = elements.append
     offset = 0
     while offset < size:
         if offset + 4 > size:
             raise BinaryDataError(f"input {name!r}: a BYTES element's length is cut off")
         (length,) = unpack(chunk, offset)
         offset += 4
-        bounds.append((offset, offset + length))
+        append(source[offset : offset + length])
         offset += length
     if offset > size:
         raise BinaryDataError(f"input {name!r}: a BYTES element is cut off")
-    if chunk.isascii():
-        text = chunk.decode("ascii")
-        return [text[start:stop] for start, stop in bounds]
-    try:
-        return [chunk[start:stop].decode() for start, stop in bounds]
-    except UnicodeDecodeError:
-        raise BinaryDataError(f"input {name!r}: a BYTES element is not UTF-8") from None
+    return elements
 
 
 def _same_length_ascii(chunk: bytes) -> list[str] | None:
