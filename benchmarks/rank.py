@@ -2,7 +2,8 @@
 
     python -m benchmarks.rank [--duration 10] [--repeats 3]
 
-On one server (the service's defaults), with real Criteo rows:
+On the service as users start it (``python -m app``, its defaults: a worker per
+core), with real Criteo rows:
 
   1. rows/s of /rank with one context (the 13 dense and 13 of the sparse fields) x
      500 candidates (the other 13 sparse fields), of /predict_many with the same
@@ -19,6 +20,8 @@ Needs wrk (Debian package wrk).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import http.client
 import json
 import statistics
@@ -26,12 +29,20 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import torch
+
+from app import kserve
+from app.config import Settings
+from app.metrics import Metrics
+from app.runtime import load_serving_model
 from benchmarks import report
-from benchmarks.serve import in_process_rows_per_s, sample_rows, server, wrk
+from benchmarks.serve import in_process_rows_per_s, sample_rows, service, wrk
+from model.checkpoint import load_checkpoint
 from model.data import CRITEO_DENSE, CRITEO_SPARSE
 
 CANDIDATES = 500
@@ -42,8 +53,9 @@ CONTEXT_FIELDS = (*CRITEO_DENSE, *CRITEO_SPARSE[:13])
 
 
 def ranking(rows: list[dict[str, Any]], candidates: int) -> dict[str, Any]:
-    """One context (the first row's context fields) and the candidates' other fields."""
-    context = {k: v for k, v in rows[0].items() if k in CONTEXT_FIELDS}
+    """One context (the first row's context fields, a missing one as null) and the
+    candidates' other fields."""
+    context = {k: rows[0].get(k) for k in CONTEXT_FIELDS}
     own = [
         {k: v for k, v in rows[i % len(rows)].items() if k not in CONTEXT_FIELDS}
         for i in range(candidates)
@@ -112,6 +124,34 @@ def rows_per_s(
     return sum(counts) / (time.monotonic() - started)
 
 
+def v2_costs(rows: list[dict[str, Any]], repeats: int = 50) -> dict[str, float]:
+    """In process (on the caller's torch threads): the median ms of reading a v2 call of
+    ``rows`` (binary and JSON bodies: parse, validate, decode, columns) and of scoring
+    its rows (encode + forward), which both forms share."""
+    settings, metrics = Settings(), Metrics()
+    checkpoint = load_checkpoint(settings.model_dir, tables=settings.tables_in_process)
+    model = asyncio.run(load_serving_model(settings, metrics, checkpoint))
+
+    def median_ms(work: Callable[[], object]) -> float:
+        work()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1e3
+
+    costs = {}
+    for kind in ("binary", "json"):
+        body, headers = v2_body(rows, kind == "binary")
+        header = headers.get("Inference-Header-Content-Length")
+        read = functools.partial(kserve.read_request, body, header, model, settings)
+        costs[f"read {kind}"] = median_ms(read)
+    _, columns = kserve.read_request(v2_body(rows, False)[0], None, model, settings)
+    costs["score"] = median_ms(lambda: model.predict(columns))
+    return costs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per run")
@@ -126,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     def measure(name: str, value: float) -> None:
         runs.setdefault(name, []).append(value)
 
-    with tempfile.TemporaryDirectory() as tmp, server("app.main:create_app", {}) as served:
+    with tempfile.TemporaryDirectory() as tmp, service({}) as served:
         small = Path(tmp) / "rank100.jsonl"
         small.write_text(json.dumps(ranking(rows, SMALL_CANDIDATES)) + "\n")
         bodies = {
@@ -151,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
             measure("rank100 p50_ms", latency["p50_ms"])
             measure("rank100 p99_ms", latency["p99_ms"])
             measure("rank100 rps", latency["rps"])
+    torch.set_num_threads(1)  # (as each worker runs: one torch thread)
     ceiling = in_process_rows_per_s(expanded, seconds=args.duration)
+    costs = v2_costs(v2_rows)
     figures = {name: statistics.median(values) for name, values in runs.items()}
     figures["in-process rows/s"] = ceiling
 
@@ -169,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Ranking requests and binary tensors",
         "",
-        f"Medians of {args.repeats} runs of {args.duration} s on one server (defaults), "
+        f"Medians of {args.repeats} runs of {args.duration} s on `python -m app` (defaults), "
         f"{CLIENTS} client threads one call at a time each. "
         "Command: `python -m benchmarks.rank`.",
         "",
@@ -177,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|",
         f"| /rank, 1 context x {CANDIDATES} candidates | {figures['/rank']:,.0f} |",
         f"| /predict_many, the same {CANDIDATES} rows expanded | {figures['/predict_many']:,.0f} |",
-        f"| in process: encode + forward of the expanded rows | {ceiling:,.0f} |",
+        f"| in process, one thread: encode + forward of the expanded rows | {ceiling:,.0f} |",
         f"| v2 infer, {V2_ROWS} rows a call, binary tensors | {figures['v2 binary']:,.0f} |",
         f"| v2 infer, {V2_ROWS} rows a call, JSON tensors | {figures['v2 json']:,.0f} |",
         "",
@@ -185,9 +227,18 @@ def main(argv: list[str] | None = None) -> None:
         f"{figures['rank100 rps']:,.0f} calls/s, p50 {figures['rank100 p50_ms']:.2f} ms, "
         f"p99 {figures['rank100 p99_ms']:.2f} ms.",
         "",
+        f"What a v2 call of {V2_ROWS} rows costs, in process on one torch thread (median ms): "
+        f"reading a binary body {costs['read binary']:.2f}, a JSON body "
+        f"{costs['read json']:.2f}; scoring its rows (encode + forward, the same for both) "
+        f"{costs['score']:.2f}. Binary can be at most "
+        f"{(costs['read json'] + costs['score']) / costs['score']:.2f}x JSON "
+        "if its body cost nothing to read.",
+        "",
         *report.targets_table(targets, ".2f"),
     ]
-    report.publish("rank", {"figures": figures, "runs": runs, "targets": targets}, lines)
+    report.publish(
+        "rank", {"figures": figures, "runs": runs, "v2_costs_ms": costs, "targets": targets}, lines
+    )
 
 
 if __name__ == "__main__":
