@@ -10,6 +10,7 @@ An answer in binary is the same: a JSON header, whose outputs give their
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from app.errors import ProtocolError
 HEADER = "inference-header-content-length"
 EXTENSION = "binary_tensor_data"
 _LENGTH = struct.Struct("<I")
+_EMPTY = "\0\0\0\0"  # the prefix of an empty element (as ASCII text)
 T = TypeVar("T", str, bytes)
 
 
@@ -81,15 +83,14 @@ def _floats(chunk: bytes, name: Any) -> npt.NDArray[np.float64]:
 
 
 def _strings(chunk: bytes, name: Any) -> list[str]:
-    """The elements of a BYTES chunk. All of one length and ASCII (ids, hashes): split
-    with no Python step per element. Else one pass over the length prefixes that
-    slices each element out of the chunk decoded once (when it is ASCII), or out of
-    the bytes, each then decoded."""
-    same = _same_length_ascii(chunk)
-    if same is not None:
-        return same
+    """The elements of a BYTES chunk. ASCII elements all of one length or empty (ids,
+    hashes, some missing: the common case): split with no Python step per element.
+    Else one pass over the length prefixes that slices each element out of the chunk
+    decoded once (when it is ASCII), or out of the bytes, each then decoded."""
     if chunk.isascii():
-        return _elements(chunk, chunk.decode("ascii"), name)
+        text = chunk.decode("ascii")
+        one = _one_length_or_empty(chunk, text)
+        return one if one is not None else _elements(chunk, text, name)
     try:
         return [element.decode() for element in _elements(chunk, chunk, name)]
     except UnicodeDecodeError:
@@ -115,25 +116,26 @@ def _elements(chunk: bytes, source: T, name: Any) -> list[T]:
     return elements
 
 
-def _same_length_ascii(chunk: bytes) -> list[str] | None:
-    """The elements of a BYTES chunk whose elements are ASCII and all of one length (ids,
-    hashes: the common case), split without a Python step per element; else None."""
-    if len(chunk) < 4:
+def _one_length_or_empty(chunk: bytes, text: str) -> list[str] | None:
+    """The elements of an ASCII BYTES chunk (``text``, the chunk decoded) when each is
+    of one length or empty, matched in C by one regular expression; else None.
+
+    The matches are an element of that length (its prefix, then as many characters)
+    or an empty one (a zero prefix), left to right; they are the chunk's elements
+    exactly when they cover all of it with no gap."""
+    offset, size = 0, len(chunk)
+    length = 0
+    while offset + 4 <= size and not (length := _LENGTH.unpack_from(chunk, offset)[0]):
+        offset += 4  # (leading empty elements)
+    empty = re.escape(_EMPTY)
+    if length:
+        prefix = re.escape(_LENGTH.pack(length).decode("latin-1"))
+        found: list[str] = re.findall(f"{prefix}(.{{{length}}})|{empty}", text, re.DOTALL)
+    else:
+        found = re.findall(f"{empty}()", text)
+    if sum(map(len, found)) + 4 * len(found) != size:
         return None
-    (length,) = _LENGTH.unpack_from(chunk, 0)
-    stride = 4 + length
-    if len(chunk) % stride:
-        return None
-    table = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, stride)
-    if not (np.frombuffer(table[:, :4].tobytes(), dtype="<u4") == length).all():
-        return None
-    payload = table[:, 4:].tobytes()
-    if not payload.isascii():
-        return None
-    if length == 0:
-        return [""] * len(table)
-    text = payload.decode("ascii")
-    return [text[i : i + length] for i in range(0, len(text), length)]
+    return found
 
 
 def wants_binary(body: dict[str, Any]) -> bool:
