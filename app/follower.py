@@ -52,7 +52,7 @@ class UpdateFollower:
         self._metrics = metrics
         self._keys = UpdateKeys(model.checkpoint.version)
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stopping = asyncio.Event()  # (an event: what the loop reads may change)
         self._last_id: bytes | str = "0-0"  # of the last stream entry taken
 
     async def catch_up(self) -> None:
@@ -80,11 +80,13 @@ class UpdateFollower:
             # Asked to stop, then cancelled: redis-py can swallow the cancellation of a
             # read (its read timeout's clean-up), and the loop would read on; it stops
             # after that read (BLOCK_MS) instead.
-            self._stopping = True
+            self._stopping.set()
             task.cancel()
             _, pending = await asyncio.wait({task}, timeout=STOP_WAIT_S)
             if pending:
                 log.warning("the update follower did not stop in %.0f s: left behind", STOP_WAIT_S)
+            else:
+                await asyncio.gather(task, return_exceptions=True)  # (its end, collected)
         await self._client.aclose()
 
     async def _read(self, block: int | None) -> bool:
@@ -102,7 +104,7 @@ class UpdateFollower:
     async def _run(self) -> None:
         failing: str | None = None
         delay = RETRY_S
-        while not self._stopping:
+        while not self._stopping.is_set():
             try:
                 await self._read(block=BLOCK_MS)
             except UpdateRefused as exc:
@@ -114,6 +116,8 @@ class UpdateFollower:
                 failing = type(exc).__name__
                 await asyncio.sleep(RETRY_S)
             except Exception:  # a bug: said, and tried again later (never a silent end)
+                if self._stopping.is_set():
+                    return  # (the batcher closed under an update: the service is stopping)
                 log.exception("following the updates of %s failed", self._keys.base)
                 failing = "bug"
                 await asyncio.sleep(delay)

@@ -30,7 +30,9 @@ from model.checkpoint import TABLES, Checkpoint
 from model.deepfm import DeepFM, Split
 from model.features import Keyed, RowPlan
 
-SPLITS_KEPT = 64  # distinct context field sets whose split is kept
+# Distinct context field sets whose split is kept: each holds a copy of the DNN's first
+# layer (its columns taken apart), and a ranking client sends the same few.
+SPLITS_KEPT = 8
 Explained = dict[str, Any]  # one row's explanation (app.schemas.Explanation)
 
 
@@ -77,6 +79,8 @@ class ServingModel:
         came (rows, or columns: ``app.columnar``), then the whole a chunk at a time."""
         keyed = Keyed.concat([self.keys(rows) for rows in calls])
         size, chunk = len(keyed), self._chunk_rows
+        if not size:
+            return np.empty(0)
         parts = [self._forward(keyed[start : start + chunk]) for start in range(0, size, chunk)]
         self._metrics.rows_predicted.inc(size)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -131,7 +135,7 @@ class ServingModel:
             own = features.plan({f.name for f in features.fields} - names)
             split = self._model.split(
                 torch.tensor(shared.fields, dtype=torch.int64),
-                torch.tensor(shared.dense, dtype=torch.int64),
+                torch.tensor(shared.dense_positions, dtype=torch.int64),
             )
             found = (split, shared, own)
             if len(self._splits) >= SPLITS_KEPT:

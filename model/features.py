@@ -115,10 +115,10 @@ class Keyed:
 
     columns: list[list[str]]
     dense: npt.NDArray[np.float32]
-    # The embedded fields (positions) of ``columns``, and the dense fields of ``dense``'s
-    # columns: some of the model's fields (a ``RowPlan``'s), or, None, all of them.
+    # The embedded fields (positions) of ``columns``, and the dense fields (positions) of
+    # ``dense``'s columns: some of the model's fields (a ``RowPlan``'s), or, None, all.
     fields: tuple[int, ...] | None = None
-    dense_fields: tuple[int, ...] | None = None
+    dense_positions: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.dense)
@@ -133,7 +133,7 @@ class Keyed:
 
     @property
     def _parts(self) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-        return self.fields, self.dense_fields
+        return self.fields, self.dense_positions
 
     @staticmethod
     def concat(batches: Sequence[Keyed]) -> Keyed:
@@ -357,7 +357,8 @@ class FeatureSpec:
         Every category value of every row is read in one comprehension and keyed in
         one pass, instead of one NumPy call per field: most of a small batch's cost.
         """
-        plan = plan or self._row_plan
+        if plan is None:
+            plan = self._row_plan
         raw_dense = self._raw_dense(rows, plan.dense_inputs)
         columns: list[list[str]] = [[] for _ in plan.fields]
         names = plan.category_names
@@ -370,7 +371,8 @@ class FeatureSpec:
         raw_dense = raw_dense[:, plan.dense_columns]
         if plan.whole:
             return Keyed(columns, self.transform_dense(raw_dense))
-        return Keyed(columns, self.transform_dense(raw_dense, plan.dense), plan.fields, plan.dense)
+        dense = self.transform_dense(raw_dense, plan.dense_positions)
+        return Keyed(columns, dense, plan.fields, plan.dense_positions)
 
     def ids(self, keyed: Keyed) -> npt.NDArray[np.int64]:
         """The ids ``B x F`` of a batch's keys, in one search of the vocabulary index;
@@ -412,10 +414,10 @@ class FeatureSpec:
         categories = [c for c, f in enumerate(fields) if f.transform == "category"]
         return RowPlan(
             fields=tuple(embedded),
-            dense=tuple(dense),
+            dense_positions=tuple(dense),
             whole=names is None,
             dense_inputs=dense_inputs,
-            category_columns=categories,
+            category_columns=tuple(categories),
             category_names=tuple(fields[c].name for c in categories),
             bucket_columns=tuple(
                 (c, position[f.name]) for c, f in enumerate(fields) if f.transform == "bucket"
@@ -466,10 +468,10 @@ class RowPlan:
     (``FeatureSpec.plan``)."""
 
     fields: tuple[int, ...]  # the embedded fields read (positions), one key column each
-    dense: tuple[int, ...]  # the dense fields read (positions), one dense column each
+    dense_positions: tuple[int, ...]  # the dense fields read, one dense column each
     whole: bool  # every field of the spec
     dense_inputs: tuple[str, ...]  # every dense-kind input read, in field order
-    category_columns: list[int]  # key columns filled from category fields
+    category_columns: tuple[int, ...]  # key columns filled from category fields
     category_names: tuple[str, ...]  # the category fields, in category_columns order
     bucket_columns: tuple[tuple[int, int], ...]  # (key column, dense input position)
     dense_columns: list[int]  # dense input positions of the dense fields read

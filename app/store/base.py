@@ -2,7 +2,8 @@
 
 ``MemoryStore`` reads them from the checkpoint tables held in the process;
 ``app.store.redisstore.RedisStore`` from an in-process LRU, then Redis, then (when held)
-the tables. Both turn raw rows into the model's input the same way.
+the tables. Both take a batch's lookup keys (``model.features.Keyed``, made by the one
+encoding core), of every embedded field or of some.
 """
 
 from __future__ import annotations

@@ -3,15 +3,17 @@
 Finding a key's id in the vocabulary index (``model.vocabindex``) hashes its
 UTF-8 bytes to 128 bits and searches sorted arrays: about 0.2 µs a key, most of
 what encoding a batch cost. A dict per field that remembers the ids of the keys
-seen lately answers a key in a tenth of that, in C (``map(dict.get, ...)``), so
-only keys not seen lately are hashed. Ids never change for a loaded checkpoint
+seen lately answers a key in about a fifth of that, in C (``map(dict.get, ...)``),
+so only keys not seen lately are hashed. Ids never change for a loaded checkpoint
 (a streamed update brings rows, not ids: ``app.store.base.MemoryStore``), so a
 cached id is never stale.
 
 The cache holds at most ``capacity`` keys: when a batch would take it past that,
 it is emptied and starts again (keys that keep coming are cached again at once;
-an exact LRU would cost a Python step per hit, which is what the cache saves).
-Only the forward-pass worker thread uses it: it takes no lock.
+an exact LRU would cost a Python step per hit, which is what the cache saves); a
+batch of more new keys than that caches none. A key costs about 120 bytes (its
+string, a dict slot, the id), in each worker process. Only the forward-pass
+worker thread uses it: it takes no lock.
 """
 
 from __future__ import annotations
@@ -51,14 +53,11 @@ class IdCache:
         fields, columns = keyed.field_positions(), keyed.columns
         if not self.capacity:
             size = len(keyed)
-            return (
-                self._find(
-                    list(chain.from_iterable(columns)),
-                    list(chain.from_iterable(repeat(j, size) for j in fields)),
-                )
-                .reshape(len(columns), size)
-                .T
+            found = self._find(
+                list(chain.from_iterable(columns)),
+                list(chain.from_iterable(repeat(j, size) for j in fields)),
             )
+            return np.ascontiguousarray(found.reshape(len(columns), size).T)
         out = np.empty((len(keyed), len(columns)), dtype=np.int64)
         for c, (j, column) in enumerate(zip(fields, columns, strict=True)):
             out[:, c] = np.fromiter(
@@ -77,13 +76,15 @@ class IdCache:
             list(chain.from_iterable(unique)),
             [fields[c] for (c, _), column in zip(where, unique, strict=True) for _ in column],
         ).tolist()
-        if len(self) + len(found) > self.capacity:
+        keep = len(found) <= self.capacity  # (a batch of more new keys: none cached)
+        if keep and len(self) + len(found) > self.capacity:
             for cached in self._ids:  # full: start again
                 cached.clear()
         start = 0
         for (c, rows), column, new in zip(where, keys, unique, strict=True):
-            cached = self._ids[fields[c]]
-            cached.update(zip(new, found[start : start + len(new)], strict=True))
+            ids = dict(zip(new, found[start : start + len(new)], strict=True))
             start += len(new)
-            out[rows, c] = np.fromiter(map(cached.__getitem__, column), np.int64, len(column))
+            out[rows, c] = np.fromiter(map(ids.__getitem__, column), np.int64, len(column))
+            if keep:
+                self._ids[fields[c]].update(ids)
         return out

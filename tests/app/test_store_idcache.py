@@ -60,13 +60,13 @@ def test_ids_equal_the_index_s_cached_or_not(capacity: int) -> None:
 
 def test_a_full_cache_starts_again() -> None:
     cache = IdCache(3, 4, Counting())
-    rows = [{"c1": f"a{i}", "c2": f"a{2 * i}", "c3": "x"} for i in range(3)]
-    cache.ids(SPEC.row_keys(rows))
-    assert len(cache) == 3 + 3 + 1  # one batch may take it past its capacity...
-    cache.ids(SPEC.row_keys([{"c1": "a40"}]))
-    assert len(cache) == 3  # ...the next that misses empties it first (a40, 2 missing)
-    more = [{"c1": f"a{i}"} for i in range(20, 30)]
+    cache.ids(SPEC.row_keys([{"c1": "a1", "c2": "a2", "c3": "x"}]))
+    assert len(cache) == 3
+    cache.ids(SPEC.row_keys([{"c1": "a40"}]))  # 3 more keys (a40, c2 and c3 missing)...
+    assert len(cache) == 3  # ...would take it past 4: emptied, then those cached
+    more = [{"c1": f"a{i}"} for i in range(20, 30)]  # more new keys than it holds
     np.testing.assert_array_equal(cache.ids(SPEC.row_keys(more)), SPEC.ids(SPEC.row_keys(more)))
+    assert len(cache) == 3  # (none of them cached)
 
 
 def test_a_cached_batch_asks_the_index_nothing() -> None:

@@ -160,7 +160,7 @@ def test_a_plan_reads_its_fields_alone(names: set[str]) -> None:
     whole, part = s.row_keys(rows), s.row_keys(rows, s.plan(names))
     embedded = [j for j, f in enumerate(s.embedded_fields) if f.name in names]
     dense = [j for j, f in enumerate(s.dense_fields) if f.name in names]
-    assert part.fields == tuple(embedded) and part.dense_fields == tuple(dense)
+    assert part.fields == tuple(embedded) and part.dense_positions == tuple(dense)
     assert part.columns == [whole.columns[j] for j in embedded]
     np.testing.assert_array_equal(part.dense, whole.dense[:, dense])
     np.testing.assert_array_equal(s.ids(part), s.ids(whole)[:, embedded])
