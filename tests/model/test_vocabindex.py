@@ -115,20 +115,21 @@ def test_every_value_and_odd_ones_give_the_dict_indices(tiny_checkpoint: Checkpo
 
 def test_long_values_surrogates_and_digest_lookalikes() -> None:
     long = "é" * 5000
-    values = ("a", long, "x" * KEY_CHARS, "x" * (KEY_CHARS + 1), "lone \ud800", "")
+    values = ("a", long, "x" * KEY_CHARS, "x" * (KEY_CHARS + 1), "lone \ud800", " ")
     spec = FeatureSpec.from_json(
         [{"name": "c", "transform": "category", "vocab_size": len(values) + 1}],
         {},
         VocabIndex.build([[value_key(v) for v in values]]),
     )
-    queries: list[Any] = [*values, long + "!", value_key(long), None, 7, "7", "\n"]
+    # (an empty value is missing, as None is: no vocabulary holds it)
+    queries: list[Any] = [*values, long + "!", value_key(long), None, "", 7, "7", "\n"]
     reference = dict_index(values)
     rows = [{"c": q} for q in queries]
     expected = dict_encode_rows(spec, [reference], rows)
     assert spec.encode_rows(rows)[0].tolist() == expected.tolist()
     # The digest key of a long value finds it, as in the dict (a vocabulary value has
     # no "\n", so no value is a digest key).
-    assert expected[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 0, 2, 0, 0, 0, 0]
+    assert expected[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 0, 2, 0, 0, 0, 0, 0]
 
 
 def test_a_vocabulary_with_a_newline_key_is_refused() -> None:
