@@ -163,10 +163,15 @@ def run_ours(path: Path, settings: Settings, checkpoint: Path) -> RunResult:
 
 
 def ours_regularisation() -> dict[str, Any]:
+    d = TrainConfig()
     return {
-        "l2_embedding": TrainConfig().l2_embedding,
-        "form": "l2_embedding * sum of squares of the batch's gathered embedding rows / "
-        "batch size, added to the mean BCE loss",
+        "embedding_l2": d.embedding_l2,
+        "l2_embedding": d.l2_embedding,
+        "lr_decay": d.lr_decay,
+        "form": "embedding_l2/2 * sum of squares of every row of the embedding tables, "
+        "added to the mean BCE loss and optimised by Adam lazily (model.lazy_adam); "
+        "l2_embedding * sum of squares of the batch's gathered rows / batch size; "
+        "the learning rate times lr_decay after an epoch without a better valid AUC",
     }
 
 
@@ -381,8 +386,9 @@ def settings_lines(summary: dict[str, Any]) -> list[str]:
         f"torch threads {env['torch_threads']}, device {s['device']}, "
         f"deterministic algorithms {env['torch_deterministic_algorithms']} (both)",
         f"- model selection: {s['selection']}",
-        f"- ours: L2 {s['ours_regularisation']['l2_embedding']} "
-        f"({s['ours_regularisation']['form']})",
+        f"- ours (model.train's defaults): table L2 {s['ours_regularisation']['embedding_l2']}, "
+        f"per-batch L2 {s['ours_regularisation']['l2_embedding']}, lr decay "
+        f"{s['ours_regularisation']['lr_decay']} ({s['ours_regularisation']['form']})",
         f"- DeepCTR-Torch: regularisation and init left at its defaults {s['deepctr_defaults']} "
         "(its L2 terms are summed over the whole embedding and linear tables every step, "
         "added to a loss summed over the batch)",

@@ -188,8 +188,10 @@ def test_table_l2_shrinks_rare_rows_and_beats_no_regularisation(
 
 
 def test_recorded_config_leaves_out_options_at_off() -> None:
-    off = TrainConfig()  # (both are off by default)
+    off = TrainConfig(embedding_l2=0.0, lr_decay=1.0)
     assert "embedding_l2" not in recorded_config(off) and "lr_decay" not in recorded_config(off)
+    on_by_default = recorded_config(TrainConfig())
+    assert on_by_default["embedding_l2"] > 0 and on_by_default["lr_decay"] < 1
     on = recorded_config(dataclasses.replace(TrainConfig(), **TABLE_L2))
     assert on["embedding_l2"] == 0.01 and on["lr_decay"] == 0.1
 
