@@ -67,6 +67,8 @@ DIGEST_MARK = "\n#"
 FloatArray = npt.NDArray[np.float64]
 ObjectArray = npt.NDArray[np.object_]
 Columns = Mapping[str, npt.NDArray[Any]]
+# Per dense field: uses log?, mean, std, missing value.
+DenseParams = tuple[npt.NDArray[np.bool_], FloatArray, FloatArray, FloatArray]
 # A column as a server may hold it (app.columnar): an array, or a list of raw values.
 Column = npt.NDArray[Any] | Sequence[Any]
 
@@ -304,7 +306,7 @@ class FeatureSpec:
         return tuple(f.vocab_size for f in self.embedded_fields)
 
     @cached_property
-    def _dense_params(self) -> tuple[npt.NDArray[np.bool_], FloatArray, FloatArray, FloatArray]:
+    def _dense_params(self) -> DenseParams:
         """Per dense field: uses log?, mean, std, missing value (vectors of length D)."""
         fields = self.dense_fields
         return (
@@ -315,17 +317,14 @@ class FeatureSpec:
         )
 
     def transform_dense(
-        self, raw: FloatArray, fields: Sequence[int] | None = None
+        self, raw: FloatArray, params: DenseParams | None = None
     ) -> npt.NDArray[np.float32]:
         """Raw dense values ``B x D`` (NaN = missing) -> model input ``B x D`` float32;
-        ``fields``: the columns are these dense fields only (positions).
+        ``params``: of the columns' dense fields (a ``RowPlan``'s), by default all.
 
         All fields at once, so the cost per call does not grow with the field count.
         """
-        log, mean, std, missing = self._dense_params
-        if fields is not None:
-            at = list(fields)
-            log, mean, std, missing = log[at], mean[at], std[at], missing[at]
+        log, mean, std, missing = self._dense_params if params is None else params
         with np.errstate(invalid="ignore"):
             z = np.where(log, np.sign(raw) * np.log1p(np.abs(raw)), (raw - mean) / std)
         return np.where(np.isnan(z), missing, z).astype(np.float32)
@@ -368,10 +367,9 @@ class FeatureSpec:
                 columns[j] = flat[k :: len(names)]
         for j, position in plan.bucket_columns:
             columns[j] = _keys_in_place(bucketize(raw_dense[:, position]).tolist())
-        raw_dense = raw_dense[:, plan.dense_columns]
+        dense = self.transform_dense(raw_dense[:, plan.dense_columns], plan.dense_params)
         if plan.whole:
-            return Keyed(columns, self.transform_dense(raw_dense))
-        dense = self.transform_dense(raw_dense, plan.dense_positions)
+            return Keyed(columns, dense)
         return Keyed(columns, dense, plan.fields, plan.dense_positions)
 
     def ids(self, keyed: Keyed) -> npt.NDArray[np.int64]:
@@ -423,6 +421,7 @@ class FeatureSpec:
                 (c, position[f.name]) for c, f in enumerate(fields) if f.transform == "bucket"
             ),
             dense_columns=[position[self.dense_fields[j].name] for j in dense],
+            dense_params=tuple(param[dense] for param in self._dense_params),  # type: ignore[arg-type]
         )
 
     @staticmethod
@@ -475,6 +474,7 @@ class RowPlan:
     category_names: tuple[str, ...]  # the category fields, in category_columns order
     bucket_columns: tuple[tuple[int, int], ...]  # (key column, dense input position)
     dense_columns: list[int]  # dense input positions of the dense fields read
+    dense_params: DenseParams = field(compare=False)  # theirs (FeatureSpec._dense_params)
 
 
 @dataclass

@@ -71,8 +71,7 @@ class MemoryStore(EmbeddingStore):
     ) -> None:
         self._features = features
         self._model = model
-        index = features.vocab_index
-        self._ids = IdCache(len(features.embedded_fields), id_cache_keys, index.find)
+        self._ids = IdCache(features, id_cache_keys)
         # The rows updates changed or brought, per field (value key -> row), and the
         # OOV rows of the last update that brought some.
         self._overlay: list[dict[str, Any]] = [{} for _ in features.embedded_fields]

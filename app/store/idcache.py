@@ -18,31 +18,27 @@ worker thread uses it: it takes no lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import chain, repeat
 
 import numpy as np
 import numpy.typing as npt
 
-from model.features import Keyed
+from model.features import FeatureSpec, Keyed
 
 Ids = npt.NDArray[np.int64]
 MISS = -1
 
 
 class IdCache:
-    """Ids of the keys of ``fields`` embedded fields, at most ``capacity`` of them (0:
-    none); ``find(keys, fields)`` gives the ids of keys not cached, each in its field
-    (``VocabIndex.find``)."""
+    """Ids of the keys of ``features``' embedded fields, at most ``capacity`` of them (0:
+    none, every batch searched as ``FeatureSpec.ids`` does)."""
 
-    def __init__(
-        self, fields: int, capacity: int, find: Callable[[list[str], list[int]], Ids]
-    ) -> None:
+    def __init__(self, features: FeatureSpec, capacity: int) -> None:
         if capacity < 0:
             raise ValueError("capacity must be at least 0")
         self.capacity = capacity
-        self._find = find
-        self._ids: list[dict[str, int]] = [{} for _ in range(fields)]
+        self._features = features
+        self._ids: list[dict[str, int]] = [{} for _ in features.embedded_fields]
 
     def __len__(self) -> int:
         return sum(map(len, self._ids))
@@ -50,14 +46,9 @@ class IdCache:
     def ids(self, keyed: Keyed) -> Ids:
         """The ids ``B x F`` of a batch's keys (0: missing or unseen), those not cached
         found in one search and cached."""
-        fields, columns = keyed.field_positions(), keyed.columns
         if not self.capacity:
-            size = len(keyed)
-            found = self._find(
-                list(chain.from_iterable(columns)),
-                list(chain.from_iterable(repeat(j, size) for j in fields)),
-            )
-            return np.ascontiguousarray(found.reshape(len(columns), size).T)
+            return self._features.ids(keyed)
+        fields, columns = keyed.field_positions(), keyed.columns
         out = np.empty((len(keyed), len(columns)), dtype=np.int64)
         for c, (j, column) in enumerate(zip(fields, columns, strict=True)):
             out[:, c] = np.fromiter(
@@ -72,7 +63,7 @@ class IdCache:
         ]
         keys = [[columns[c][i] for i in rows.tolist()] for c, rows in where]
         unique = [list(dict.fromkeys(column)) for column in keys]
-        found = self._find(
+        found = self._features.vocab_index.find(
             list(chain.from_iterable(unique)),
             [fields[c] for (c, _), column in zip(where, unique, strict=True) for _ in column],
         ).tolist()

@@ -1,11 +1,14 @@
 """The memory store's id cache gives exactly the vocabulary index's ids, cached or not,
 for every field or some of them, and stays within its capacity."""
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 import pytest
 
 from app.store.idcache import IdCache
-from model.features import FeatureSpec, Field, Vocabulary
+from model.features import FeatureSpec, Field, Vocabulary, lookup_keys
+from model.vocabindex import VocabIndex
 
 SPEC = FeatureSpec(
     (
@@ -17,15 +20,23 @@ SPEC = FeatureSpec(
 )
 
 
-class Counting:
-    """The index's find, counting the keys it is asked for."""
+class CountingIndex(VocabIndex):
+    """The vocabulary index, counting the keys it is asked for."""
 
-    def __init__(self) -> None:
-        self.asked = 0
+    asked = 0
 
-    def __call__(self, keys: list[str], fields: list[int]) -> np.ndarray:
+    def find(self, keys: Sequence[str], fields: Iterable[int]) -> np.ndarray:
         self.asked += len(keys)
-        return SPEC.vocab_index.find(keys, fields)
+        return super().find(keys, fields)
+
+
+def counted() -> tuple[FeatureSpec, CountingIndex]:
+    """SPEC with an index of its own that counts its searches."""
+    index = CountingIndex.build(
+        lookup_keys(f.vocab.values) for f in SPEC.embedded_fields if f.vocab is not None
+    )
+    assert isinstance(index, CountingIndex)
+    return FeatureSpec(SPEC.fields, index), index
 
 
 def batch(seed: int, size: int = 40) -> list[dict[str, object]]:
@@ -44,8 +55,8 @@ def batch(seed: int, size: int = 40) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("capacity", [0, 5, 10_000])
 def test_ids_equal_the_index_s_cached_or_not(capacity: int) -> None:
-    find = Counting()
-    cache = IdCache(3, capacity, find)
+    spec, find = counted()
+    cache = IdCache(spec, capacity)
     for seed in range(6):
         rows = batch(seed)
         keyed = SPEC.row_keys(rows)
@@ -59,7 +70,7 @@ def test_ids_equal_the_index_s_cached_or_not(capacity: int) -> None:
 
 
 def test_a_full_cache_starts_again() -> None:
-    cache = IdCache(3, 4, Counting())
+    cache = IdCache(SPEC, 4)
     cache.ids(SPEC.row_keys([{"c1": "a1", "c2": "a2", "c3": "x"}]))
     assert len(cache) == 3
     cache.ids(SPEC.row_keys([{"c1": "a40"}]))  # 3 more keys (a40, c2 and c3 missing)...
@@ -70,8 +81,8 @@ def test_a_full_cache_starts_again() -> None:
 
 
 def test_a_cached_batch_asks_the_index_nothing() -> None:
-    find = Counting()
-    cache = IdCache(3, 100, find)
+    spec, find = counted()
+    cache = IdCache(spec, 100)
     keyed = SPEC.row_keys(batch(1))
     first = cache.ids(keyed)
     asked = find.asked
