@@ -36,8 +36,9 @@ def test_schemathesis_finds_no_failure(store: str, tmp_path: Path) -> None:
     """schemathesis's own run, as its users run it: every phase (examples, coverage,
     fuzzing, stateful) and every check, status-code and content-type conformance and
     auth included, over every operation of the server's /openapi.json, against the
-    real server with an API key (so the admin endpoint is on) in each store."""
-    env = {"CTR_API_KEY": API_KEY, "CTR_LOG_LEVEL": "error"}
+    real server with an API key (so the admin endpoint is on) in each store, with two
+    workers as users run it on a machine of two cores or more."""
+    env = {"CTR_API_KEY": API_KEY, "CTR_LOG_LEVEL": "error", "CTR_WORKERS": "2"}
     redis = None
     if store == "redis":
         redis = RedisServer(tmp_path / "redis").start()

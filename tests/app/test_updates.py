@@ -22,6 +22,9 @@ import pytest
 import torch
 
 from app.config import Settings
+from app.follower import UpdateFollower
+from app.metrics import Metrics
+from app.runtime import load_serving_model
 from app.store.client import RedisClient, connect
 from app.store.layout import Layout
 from app.store.publisher import PublishFailed, publish, publish_update
@@ -515,3 +518,48 @@ def test_the_update_command_says_why_it_cannot_publish(
         done = subprocess.run(argv, env=environment, capture_output=True, text=True, timeout=120)
         assert done.returncode == code, done.stderr
         assert why in done.stderr
+
+
+async def test_a_follower_stops_even_when_its_read_swallows_the_cancellation(
+    redis_server: RedisServer, tiny_checkpoint: Checkpoint
+) -> None:
+    """redis-py can swallow the cancellation of a blocking XREAD (its read's clean-up)
+    and return as if the read had ended: the follower must still stop, not read on
+    forever and hang the service's shutdown. The real client reads from Redis; only
+    its swallowing of the cancellation is forced here."""
+    metrics = Metrics()
+    model = await load_serving_model(
+        Settings(model_dir=tiny_checkpoint.path), metrics, tiny_checkpoint
+    )
+    client = connect(Settings(redis_url=redis_server.url), 10)
+    read = client.xread
+    swallowed = 0
+
+    async def swallowing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal swallowed
+        try:
+            return await read(*args, **kwargs)
+        except asyncio.CancelledError:
+            swallowed += 1
+            return None
+
+    client.xread = swallowing  # type: ignore[method-assign]
+
+    async def between(fn: Any) -> object:
+        return fn()
+
+    follower = UpdateFollower(model, client, between, metrics)
+    try:
+        follower.start()
+        await asyncio.sleep(0.3)  # (blocked in XREAD)
+        closing = asyncio.create_task(follower.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=30)
+        assert done, "the follower did not stop"
+        assert swallowed == 1
+        assert follower._task is not None and follower._task.done()
+    finally:  # (a follower that did not stop: a cancellation it cannot swallow now)
+        client.xread = read  # type: ignore[method-assign]
+        if follower._task is not None and not follower._task.done():
+            follower._task.cancel()
+            await asyncio.wait({follower._task}, timeout=5)
+        await model.store.aclose()

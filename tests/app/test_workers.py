@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
@@ -486,3 +487,62 @@ def test_a_server_whose_checkpoint_does_not_load_exits_1(tmp_path: Path) -> None
     )
     assert run.returncode == 1, run.stderr[-2000:]
     assert "cannot start" in run.stderr
+
+
+def v2_inputs(rows: list[dict[str, Any]], binary: bool) -> tuple[bytes, dict[str, str]]:
+    """An inference request of ``rows``: every field a tensor; with ``binary`` the sparse
+    ones as binary BYTES ("" missing), the dense ones in JSON (null missing)."""
+    inputs, data = [], b""
+    for name in [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]:
+        values = [row.get(name) for row in rows]
+        tensor: dict[str, Any] = {"name": name, "shape": [len(rows)]}
+        if name.startswith("I"):
+            tensor |= {"datatype": "FP32", "data": values}
+        elif binary:
+            raw = [("" if v is None else str(v)).encode() for v in values]
+            chunk = b"".join(len(v).to_bytes(4, "little") + v for v in raw)
+            tensor |= {"datatype": "BYTES", "parameters": {"binary_data_size": len(chunk)}}
+            data += chunk
+        else:
+            tensor |= {"datatype": "BYTES", "data": values}
+        inputs.append(tensor)
+    header = json.dumps({"inputs": inputs}).encode()
+    if not binary:
+        return header, {"Content-Type": "application/json"}
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def test_every_scoring_endpoint_answers_as_the_offline_model_over_two_workers_in_redis_mode(
+    offline: Predictor, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """/predict_many, /rank (candidates read over their own fields) and v2 inference in
+    JSON and in binary (rows kept as columns), on two workers reading rows from Redis
+    with no tables: every answer the offline model's, to 1e-6, from both workers."""
+    metrics_dir = tmp_path / "metrics"
+    env = {"CTR_REDIS_URL": redis_server.url, "CTR_HOLD_TABLES": "false"}
+    with supervised(**env, CTR_REDIS_TIMEOUT_MS="2000", CTR_METRICS_DIR=str(metrics_dir)) as s:
+        for seed in range(8):  # a connection per call: both workers take some
+            rows = random_rows(offline, 30, seed, values=20)
+            expected = offline.predict_rows(rows)
+            many = httpx.post(s.url + "/predict_many", json={"instances": rows})
+            assert many.status_code == 200, many.text
+            np.testing.assert_allclose(many.json()["probabilities"], expected, atol=1e-6)
+            shared = [f"I{i}" for i in range(1, 14)][seed:] + [f"C{i}" for i in range(1, 9)]
+            context = {name: rows[0].get(name) for name in shared}
+            candidates = [{k: v for k, v in r.items() if k not in shared} for r in rows]
+            merged = [{**context, **c} for c in candidates]
+            ranked = httpx.post(
+                s.url + "/rank", json={"context": context, "candidates": candidates}
+            )
+            assert ranked.status_code == 200, ranked.text
+            np.testing.assert_allclose(
+                ranked.json()["probabilities"], offline.predict_rows(merged), atol=1e-6
+            )
+            for binary in (False, True):
+                body, headers = v2_inputs(rows, binary)
+                inferred = httpx.post(s.url + "/v2/models/ctr/infer", content=body, headers=headers)
+                assert inferred.status_code == 200, inferred.text
+                got = inferred.json()["outputs"][0]["data"]
+                np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+        spread = per_worker(metrics_dir, "ctr_rows_predicted_total", {})
+        assert sum(v > 0 for v in spread.values()) == 2, spread  # (the supervisor's: 0)
